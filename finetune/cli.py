@@ -1,0 +1,299 @@
+"""`finetune` on the command line: subcommands, `key=value` overrides, and the one place that maps errors to exit codes.
+
+    finetune recipe=NAME [key=value ...] [--dry-run] [--force] [--print-config]   train (the default command)
+    finetune estimate recipe=NAME [key=value ...] [--json] [--png FILE]           memory estimate and verdict
+    finetune data recipe=NAME [preview=N] [--json] [--png FILE]                    what the trainer will see
+    finetune export run=DIR to=merged|gguf|ollama|awq [quant=q4_k_m] [--force]    deploy a run
+    finetune convert SRC DST                                                       original checkpoint → native
+    finetune list recipes|models                                                   what ships
+    finetune recommend gpu_mem=24 [lang=zh] [task=chat] [--json]                   what fits this GPU
+    finetune gpus [--watch N]                                                      GPUs, memory, processes
+
+Everything a recipe holds is `key=value` (OmegaConf dotlist); double-dash flags only change how a command behaves.
+Exit codes: 0 ok, 2 bad input (one line, no traceback), 3 the run will not fit the GPU, 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional
+
+from omegaconf import OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+from rich.console import Console
+
+from finetune import config
+from finetune.errors import UserError, did_you_mean
+
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
+"""Logs and tables go to stderr; stdout carries only what a machine reads (--json), so pipes stay clean."""
+
+
+def _split(args: list[str]) -> tuple[list[str], list[str]]:
+    """(key=value items, everything else) — argparse only ever sees the flags."""
+    pairs = [a for a in args if "=" in a and not a.startswith("-")]
+    return pairs, [a for a in args if a not in pairs]
+
+
+def _flags(prog: str, args: list[str], *adders: Callable[[argparse.ArgumentParser], None]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog=f"finetune {prog}", add_help=True)
+    for add in adders:
+        add(parser)
+    namespace, unknown = parser.parse_known_args(args)
+    if unknown:
+        raise UserError(f"unexpected argument '{unknown[0]}' for `finetune {prog}`; settings are key=value "
+                        f"(e.g. train.lr=1e-4), see `finetune {prog} --help`")
+    return namespace
+
+
+def _json_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="print one JSON object on stdout (logs go to stderr)")
+
+
+def _png_flag(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--png", metavar="FILE", help="also save a picture (bar chart / histogram) to FILE")
+
+
+def _recipe_and_overrides(pairs: list[str]) -> tuple[Optional[str], list[str]]:
+    names = [p.split("=", 1)[1] for p in pairs if p.startswith("recipe=")]
+    return (names[-1] if names else None), [p for p in pairs if not p.startswith("recipe=")]
+
+
+def _load(pairs: list[str]) -> config.Recipe:
+    name, overrides = _recipe_and_overrides(pairs)
+    if name is None and not any(p.startswith("model=") for p in overrides):
+        raise UserError("no recipe given: add recipe=NAME (`finetune list recipes`) or at least model=NAME")
+    return config.load(name, overrides)
+
+
+def _options(kind: type, pairs: list[str], command: str):
+    """Parse a command's own key=value options (not recipe keys) against a small schema, with did-you-mean."""
+    keys = list(kind.__dataclass_fields__)
+    for pair in pairs:
+        key = pair.split("=", 1)[0]
+        if key not in keys:
+            raise UserError(f"`finetune {command}`: unknown key '{key}'{did_you_mean(key, keys)}; "
+                            f"valid keys: {', '.join(keys)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(kind), OmegaConf.from_dotlist(pairs))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"`finetune {command}`: {str(exc).splitlines()[0]}") from None
+
+
+# ---------------------------------------------------------------------------------------------------- commands
+
+def cmd_train(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    flags = _flags("train", rest, lambda p: (
+        p.add_argument("--dry-run", action="store_true", help="estimate memory and stop; loads no weights"),
+        p.add_argument("--force", action="store_true", help="start even when the estimate says it will not fit"),
+        p.add_argument("--print-config", action="store_true", help="print the fully resolved recipe and stop"),
+    ))
+    recipe = _load(pairs)
+    if flags.print_config:
+        sys.stdout.write(config.to_yaml(recipe))
+        return 0
+    if flags.dry_run:
+        return _estimate(recipe, as_json=False, png=None)
+    from finetune import train
+
+    run = train.run(recipe, force=flags.force)
+    err.print(f"[bold green]done[/] — run directory: {run.path}")
+    return 0
+
+
+def cmd_estimate(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    flags = _flags("estimate", rest, _json_flag, _png_flag)
+    return _estimate(_load(pairs), as_json=flags.json, png=flags.png)
+
+
+def _estimate(recipe: config.Recipe, *, as_json: bool, png: Optional[str]) -> int:
+    from finetune.estimate import gpu, report
+    from finetune.models import registry
+
+    spec = _spec_for_estimate(recipe, registry)
+    result = report.estimate_report(recipe, spec, gpu.detect(), gpu_mem=recipe.gpu_mem)
+    if as_json:
+        print(json.dumps(result, default=str))
+    else:
+        err.print(report.render_estimate(result))
+    if png:
+        report.save_breakdown_png(result, Path(png))
+        err.print(f"breakdown chart: {png}")
+    return 3 if result["fits"] is False else 0
+
+
+def _spec_for_estimate(recipe: config.Recipe, registry):
+    """The estimator counts from shipped configs, so it needs no download: a registry name or a known hub id."""
+    if recipe.model in registry.models():
+        return registry.spec(recipe.model, recipe.variant)
+    known = registry.spec_for_hub_id(recipe.model)
+    if known is None:
+        raise UserError(f"model {recipe.model} is not in the registry, so its memory cannot be estimated before "
+                        f"download; use a registry name (`finetune list models`){did_you_mean(recipe.model, registry.models())}")
+    return known
+
+
+def cmd_data(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    flags = _flags("data", rest, _json_flag, _png_flag)
+    previews = [p for p in pairs if p.startswith("preview=")]
+    preview = int(previews[-1].split("=", 1)[1]) if previews else 3
+    recipe = _load([p for p in pairs if not p.startswith("preview=")])
+    from finetune import data
+    from finetune.models import hub
+    from transformers import AutoTokenizer
+
+    resolved = hub.resolve(recipe)
+    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
+    template = resolved.spec.family.template if resolved.spec else _no_template(recipe)
+    result = data.inspect(recipe, tokenizer, template, preview=preview)
+    if flags.json:
+        print(json.dumps(result, default=str, ensure_ascii=False))
+    else:
+        err.print(data.render_inspect(result, tokenizer))
+    if flags.png:
+        data.save_length_histogram_png(result, Path(flags.png))
+        err.print(f"length histogram: {flags.png}")
+    return 0
+
+
+def _no_template(recipe: config.Recipe) -> str:
+    raise UserError(f"model {recipe.model} is not a known family, so its chat format is unknown; use a registry "
+                    f"model (`finetune list models`)")
+
+
+@dataclass
+class ExportOptions:
+    run: Optional[str] = None
+    to: str = "ollama"
+    quant: str = "q4_k_m"
+    name: Optional[str] = None
+    verify: bool = True
+
+
+def cmd_export(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    flags = _flags("export", rest, lambda p: p.add_argument(
+        "--force", action="store_true", help="redo steps whose outputs already exist (replaced atomically)"))
+    options: ExportOptions = _options(ExportOptions, pairs, "export")
+    if options.run is None:
+        raise UserError("`finetune export` needs run=DIR (the directory a training run printed at its end)")
+    from finetune.export import pipeline
+
+    result = pipeline.export(Path(options.run), options.to, quant=options.quant, verify=options.verify,
+                             force=flags.force, name=options.name)
+    err.print(result.summary())
+    return 0
+
+
+def cmd_convert(args: list[str]) -> int:
+    flags = _flags("convert", args, lambda p: (
+        p.add_argument("src", help="original checkpoint directory (ChatGLM3 / Baichuan2 / Qwen-1 layout)"),
+        p.add_argument("dst", help="new directory for the native checkpoint (must not exist)"),
+    ))
+    from finetune.models.convert import convert_checkpoint
+
+    dst = Path(flags.dst)
+    if dst.exists():
+        raise UserError(f"{dst} already exists; converting never overwrites, choose a new directory")
+    out = convert_checkpoint(Path(flags.src), dst, progress=True)
+    err.print(f"[bold green]converted[/] → {out} (load it with AutoModelForCausalLM.from_pretrained, no remote code)")
+    return 0
+
+
+def cmd_list(args: list[str]) -> int:
+    flags = _flags("list", args, lambda p: p.add_argument("what", choices=["recipes", "models"]), _json_flag)
+    from finetune import listing
+
+    rows = listing.recipes() if flags.what == "recipes" else listing.models()
+    if flags.json:
+        print(json.dumps(rows, default=str, ensure_ascii=False))
+    else:
+        err.print(listing.table(rows, title=f"finetune {flags.what}"))
+    return 0
+
+
+@dataclass
+class RecommendOptions:
+    gpu_mem: Optional[float] = None
+    lang: Optional[str] = None
+    task: Optional[str] = None
+
+
+def cmd_recommend(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    flags = _flags("recommend", rest, _json_flag)
+    options: RecommendOptions = _options(RecommendOptions, pairs, "recommend")
+    from finetune.estimate import gpu, recommend
+
+    gpu_mem = options.gpu_mem
+    if gpu_mem is None:
+        found = gpu.detect()
+        if not found:
+            raise UserError("no GPU found here; say how much memory the card has, e.g. gpu_mem=24 (GiB)")
+        gpu_mem = found[0].total_bytes / 2**30
+    rows = recommend.recommend(gpu_mem, options.lang, options.task)
+    if flags.json:
+        print(json.dumps(rows, default=str, ensure_ascii=False))
+    else:
+        err.print(recommend.render(rows, gpu_mem))
+    return 0
+
+
+def cmd_gpus(args: list[str]) -> int:
+    flags = _flags("gpus", args, _json_flag, lambda p: p.add_argument(
+        "--watch", type=float, metavar="N", help="refresh every N seconds until Ctrl-C (like gpustat -i)"))
+    from finetune.estimate import gpu
+
+    if flags.json:
+        print(json.dumps([g.as_dict() for g in gpu.detect()], default=str))
+        return 0
+    if flags.watch:
+        gpu.watch(flags.watch, err)
+        return 0
+    err.print(gpu.format_gpus(gpu.detect()))
+    return 0
+
+
+COMMANDS: dict[str, Callable[[list[str]], int]] = {
+    "train": cmd_train, "estimate": cmd_estimate, "data": cmd_data, "export": cmd_export, "convert": cmd_convert,
+    "list": cmd_list, "recommend": cmd_recommend, "gpus": cmd_gpus,
+}
+
+
+def _usage() -> str:
+    return (__doc__ or "").split("\n\n")[1] + "\n\nExamples:\n" \
+        "  finetune list recipes\n" \
+        "  finetune recipe=qwen7b_qlora --dry-run gpu_mem=24\n" \
+        "  accelerate launch -m finetune recipe=qwen7b_qlora data.path=my.jsonl train.lr=1e-4\n" \
+        "  finetune export run=outputs/qwen7b_qlora-20261123-101500 to=ollama quant=q4_k_m\n" \
+        "Every key: finetune recipe=NAME --print-config.  Docs: README.md\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = list(sys.argv[1:] if argv is None else argv)
+    if not args or args[0] in ("-h", "--help", "help"):
+        sys.stdout.write(_usage())
+        return 0
+    command, rest = (args[0], args[1:]) if args[0] in COMMANDS else ("train", args)
+    if command == "train" and rest and "=" not in rest[0] and not rest[0].startswith("-"):
+        err.print(f"[red]error:[/] unknown command '{rest[0]}'{did_you_mean(rest[0], COMMANDS)}; "
+                  f"commands: {', '.join(COMMANDS)}")
+        return 2
+    try:
+        return COMMANDS[command](rest)
+    except UserError as exc:
+        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        return exc.exit_code
+    except KeyboardInterrupt:
+        err.print("[yellow]interrupted[/]")
+        return 130
+

@@ -1,0 +1,319 @@
+"""The recipe: one typed schema, composed from YAML files and `key=value` overrides.
+
+Precedence, lowest first: schema defaults < the recipes a recipe `extends` (in order) < the recipe < overrides.
+Every key is checked against the schema, so a typo (`lora.rnk=8`) is one clear line naming the closest valid keys,
+never a silently ignored setting. The fully resolved recipe is what a run saves and what every module receives.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
+
+from finetune.errors import UserError, did_you_mean
+
+REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
+"""Shipped recipes live at the top of the repository; FINETUNE_RECIPES adds a directory of the user's own."""
+
+
+@dataclass
+class DataSource:
+    """One extra dataset mixed into training with a sampling weight."""
+
+    path: str = "???"
+    weight: float = 1.0
+    format: str = "auto"
+
+
+@dataclass
+class DataConfig:
+    path: Optional[str] = None  # file, directory, glob or hub dataset id
+    format: str = "auto"  # auto | alpaca | sharegpt | messages | text | preference
+    columns: dict[str, str] = field(default_factory=dict)  # data.columns.<field>=<column in the file>
+    mix: list[DataSource] = field(default_factory=list)
+    eval_path: Optional[str] = None
+    val_size: float = 0.0  # fraction (<1) or count (>=1) held out when eval_path is not given
+    max_samples: Optional[int] = None
+    on_bad_record: str = "error"  # error | skip
+    system_prompt: Optional[str] = None  # used when a conversation has no system message
+    packing: bool = False
+    num_proc: Optional[int] = None
+
+
+@dataclass
+class TrainConfig:
+    lr: float = 2e-4
+    scheduler: str = "cosine"
+    warmup_ratio: float = 0.03
+    epochs: float = 3.0
+    max_steps: int = -1  # > 0 overrides epochs
+    micro_batch: int = 1
+    grad_accum: int = 8
+    max_length: int = 2048
+    gradient_checkpointing: bool = True
+    precision: str = "bf16"  # fp32 | fp16 | bf16
+    optimizer: str = "adamw_torch"  # adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | sgd
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    logging_steps: int = 10
+    eval_steps: Optional[int] = None
+    save_steps: int = 200
+    save_total_limit: int = 2
+    sample_prompts: int = 3  # held-out prompts generated before/after training for the report
+
+
+@dataclass
+class LoraConfig:
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.05
+    targets: list[str] = field(default_factory=list)  # empty: the family's default from the registry
+    dora: bool = False
+
+
+@dataclass
+class QuantConfig:
+    """bitsandbytes settings used by method=qlora (4-bit) or to load an 8-bit base."""
+
+    bits: int = 4  # 4 | 8
+    type: str = "nf4"  # nf4 | fp4
+    double_quant: bool = True
+    compute_dtype: str = "bf16"
+
+
+@dataclass
+class DpoConfig:
+    beta: float = 0.1
+    loss: str = "sigmoid"
+    sft_run: Optional[str] = None  # run directory of the SFT stage whose adapter DPO starts from
+
+
+@dataclass
+class Recipe:
+    name: str = "custom"
+    model: str = "???"  # registry name, hub id, ModelScope id or local directory
+    variant: Optional[str] = None  # base | chat | instruct | 32k | zh ... (registry)
+    hub: str = "hf"  # hf | modelscope
+    revision: Optional[str] = None
+    method: str = "lora"  # full | lora | qlora
+    stage: str = "sft"  # sft | dpo
+    output_dir: Optional[str] = None
+    gpu_mem: Optional[float] = None  # GiB per GPU, to ask "would it fit?" without that GPU
+    num_gpus: Optional[int] = None  # planned GPUs; default: detected, else 1
+    distributed: str = "none"  # none | ddp | zero2 | zero3 | zero3_offload | fsdp
+    report_to: str = "none"  # none | wandb | tensorboard
+    resume: Optional[str] = None  # run directory, or auto
+    overwrite: bool = False
+    seed: int = 42
+    trust_remote_code: bool = False
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    quant: QuantConfig = field(default_factory=QuantConfig)
+    dpo: DpoConfig = field(default_factory=DpoConfig)
+
+
+CHOICES: dict[str, tuple[str, ...]] = {
+    "hub": ("hf", "modelscope"),
+    "method": ("full", "lora", "qlora"),
+    "stage": ("sft", "dpo"),
+    "distributed": ("none", "ddp", "zero2", "zero3", "zero3_offload", "fsdp"),
+    "report_to": ("none", "wandb", "tensorboard"),
+    "data.format": ("auto", "alpaca", "sharegpt", "messages", "text", "preference"),
+    "data.on_bad_record": ("error", "skip"),
+    "train.precision": ("fp32", "fp16", "bf16"),
+    "train.optimizer": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"),
+    "train.scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
+    "train.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "quant.type": ("nf4", "fp4"),
+    "quant.compute_dtype": ("fp32", "fp16", "bf16"),
+    "dpo.loss": ("sigmoid", "ipo", "hinge"),
+}
+
+POSITIVE: tuple[str, ...] = ("train.lr", "train.micro_batch", "train.grad_accum", "train.max_length", "lora.r",
+                             "lora.alpha", "train.save_steps", "train.logging_steps")
+
+
+def recipe_dirs() -> list[Path]:
+    """Where `recipe=NAME` is looked up: the user's FINETUNE_RECIPES first, then the shipped recipes."""
+    extra = os.environ.get("FINETUNE_RECIPES")
+    return [Path(p) for p in extra.split(os.pathsep) if p] + [REPO_RECIPES] if extra else [REPO_RECIPES]
+
+
+def shipped_recipes() -> dict[str, Path]:
+    """Recipe name → file, for every YAML at the top of each recipe directory (bases live in base/)."""
+    found: dict[str, Path] = {}
+    for directory in reversed(recipe_dirs()):
+        for path in sorted(directory.glob("*.yaml")):
+            found[path.stem] = path
+    return found
+
+
+def find_recipe(name: str) -> Path:
+    """A shipped recipe name (`qwen7b_qlora`, `base/lora`) or a path to a YAML file."""
+    as_path = Path(name).expanduser()
+    if as_path.suffix in (".yaml", ".yml"):
+        if not as_path.is_file():
+            raise UserError(f"recipe file {name} does not exist")
+        return as_path
+    for directory in recipe_dirs():
+        candidate = directory / f"{name}.yaml"
+        if candidate.is_file():
+            return candidate
+    raise UserError(f"unknown recipe '{name}'{did_you_mean(name, shipped_recipes())}; "
+                    f"`finetune list recipes` shows them all, or pass a path to a .yaml file")
+
+
+def _read_yaml(path: Path) -> DictConfig:
+    try:
+        loaded = OmegaConf.load(path)
+    except Exception as exc:  # yaml.YAMLError and friends carry line numbers in their text
+        raise UserError(f"{path}: not valid YAML: {str(exc).splitlines()[0]}") from None
+    if not isinstance(loaded, DictConfig):
+        raise UserError(f"{path}: a recipe must be a mapping of keys to values")
+    return loaded
+
+
+def _compose(path: Path, seen: tuple[Path, ...] = ()) -> tuple[DictConfig, list[Path]]:
+    """The recipe at `path` merged over the recipes it `extends`, and the files that were read (for errors)."""
+    if path.resolve() in seen:
+        raise UserError(f"{path}: 'extends' forms a cycle: {' -> '.join(str(p) for p in (*seen, path))}")
+    node = _read_yaml(path)
+    parents = node.pop("extends", None)
+    parent_names = [parents] if isinstance(parents, str) else list(parents or [])
+    merged = OmegaConf.create({})
+    files: list[Path] = []
+    for parent in parent_names:
+        parent_path = (path.parent / f"{parent}.yaml") if (path.parent / f"{parent}.yaml").is_file() \
+            else find_recipe(parent)
+        parent_cfg, parent_files = _compose(parent_path, (*seen, path.resolve()))
+        merged = OmegaConf.merge(merged, parent_cfg)
+        files += parent_files
+    return OmegaConf.merge(merged, node), [*files, path]
+
+
+def _schema_keys(node: Any = Recipe, prefix: str = "") -> list[str]:
+    """Every dotted key the schema accepts, for did-you-mean suggestions."""
+    keys: list[str] = []
+    for f in dataclasses.fields(node):
+        name = f"{prefix}{f.name}"
+        keys.append(name)
+        default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+        if dataclasses.is_dataclass(default):
+            keys += _schema_keys(type(default), f"{name}.")
+    return keys
+
+
+def _explain(exc: OmegaConfBaseException, where: str) -> UserError:
+    key = getattr(exc, "full_key", None) or ""
+    if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc):
+        bad = key or re.search(r"Key '([^']+)'", str(exc)).group(1)  # type: ignore[union-attr]
+        hint = did_you_mean(bad, _schema_keys()) or did_you_mean(bad.split(".")[-1], _schema_keys())
+        return UserError(f"{where}: unknown key '{bad}'{hint}; `--print-config` lists every key")
+    if isinstance(exc, ValidationError):
+        msg = str(exc).splitlines()[0]
+        return UserError(f"{where}: key '{key}': {msg}")
+    return UserError(f"{where}: {str(exc).splitlines()[0]}")
+
+
+def _parse_overrides(overrides: list[str]) -> DictConfig:
+    for item in overrides:
+        if "=" not in item or item.startswith("="):
+            raise UserError(f"argument '{item}' is not key=value (e.g. train.lr=1e-4); flags start with --")
+    try:
+        return OmegaConf.from_dotlist(overrides)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"overrides: {str(exc).splitlines()[0]}") from None
+
+
+def _validate(recipe: Recipe, where: str) -> None:
+    cfg = OmegaConf.structured(recipe)
+    for key, allowed in CHOICES.items():
+        value = OmegaConf.select(cfg, key)
+        if value not in allowed:
+            raise UserError(f"{where}: {key}={value} is not one of {', '.join(allowed)}"
+                            f"{did_you_mean(str(value), allowed)}")
+    for key in POSITIVE:
+        if OmegaConf.select(cfg, key) <= 0:
+            raise UserError(f"{where}: {key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if recipe.quant.bits not in (4, 8):
+        raise UserError(f"{where}: quant.bits={recipe.quant.bits} is not one of 4, 8")
+    if recipe.model == "???":
+        raise UserError(f"{where}: no model given; add model=NAME (`finetune list models`) or a local directory")
+    _validate_model(recipe, where)
+
+
+def _validate_model(recipe: Recipe, where: str) -> None:
+    """A bare word must be a registry name; `org/name` is a hub id and a path must exist (checked when loading)."""
+    from finetune.models import registry
+
+    looks_like_path_or_id = "/" in recipe.model or os.sep in recipe.model or Path(recipe.model).expanduser().exists()
+    if recipe.model in registry.models():
+        registry.spec(recipe.model, recipe.variant)  # raises on an unknown variant, naming the valid ones
+    elif not looks_like_path_or_id:
+        raise UserError(f"{where}: model={recipe.model} is not a registry model"
+                        f"{did_you_mean(recipe.model, registry.models())}; `finetune list models` shows them, "
+                        f"or give a hub id (org/name) or a local directory")
+
+
+def load(recipe: Optional[str], overrides: list[str] = ()) -> Recipe:
+    """The resolved, validated recipe for `recipe=NAME|PATH` plus `key=value` overrides."""
+    schema = OmegaConf.structured(Recipe)
+    files: list[Path] = []
+    composed = OmegaConf.create({})
+    if recipe:
+        composed, files = _compose(find_recipe(recipe))
+        composed.setdefault("name", Path(recipe).stem)
+    where = str(files[-1]) if files else "overrides"
+    try:
+        merged = OmegaConf.merge(schema, composed)
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, where) from None
+    try:
+        merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "overrides") from None
+    try:
+        resolved: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, where) from None
+    _validate(resolved, where)
+    return resolved
+
+
+def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
+    """A copy of a resolved recipe with a few keys changed (what-if estimates, tests)."""
+    merged = OmegaConf.merge(OmegaConf.structured(recipe), _parse_overrides(overrides))
+    result: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    _validate(result, "overrides")
+    return result
+
+
+def to_yaml(recipe: Recipe) -> str:
+    return OmegaConf.to_yaml(OmegaConf.structured(recipe))
+
+
+def from_yaml_file(path: Path) -> Recipe:
+    """A recipe saved with a run (already resolved: no `extends`)."""
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), _read_yaml(path))
+        return OmegaConf.to_object(merged)  # type: ignore[return-value]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, str(path)) from None
+
+
+def as_plain(value: Any) -> Any:
+    """OmegaConf containers → plain dict/list (for JSON and for libraries that reject DictConfig)."""
+    if isinstance(value, (DictConfig, ListConfig)):
+        return OmegaConf.to_container(value, resolve=True)
+    if dataclasses.is_dataclass(value):
+        return OmegaConf.to_container(OmegaConf.structured(value), resolve=True)
+    return value
