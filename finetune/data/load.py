@@ -1,0 +1,306 @@
+"""Reading the user's data through `datasets` and turning it into the internal schema (formats.py).
+
+Every file is loaded on its own so each row keeps its origin (`_src`, `_row`): a bad record is then reported as
+"data/x.jsonl line 7: 'output' is missing", not as "row 4711 of a concatenation". The JSON loader's own errors
+name no line, so when `datasets` fails on a JSON file we scan that file once to find the line. The user's files
+are never written: with `on_bad_record=skip`, malformed lines are left out of a cleaned copy in the cache.
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+import numpy as np
+from datasets import Dataset, Features, Value
+from datasets.fingerprint import Hasher
+
+from finetune.data import formats
+from finetune.errors import UserError
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MIN_ROWS_PER_PROC = 2000  # below this, worker start-up costs more than it saves
+CODE_FILES = ("formats.py", "load.py")
+
+
+def cache_dir(kind: str = "datasets") -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", "~/.cache/finetune")).expanduser() / kind
+
+
+def code_hash(*files: Path) -> str:
+    """Part of every fingerprint, so that editing the pipeline's code invalidates its cached results."""
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.read_bytes())
+    return digest.hexdigest()[:16]
+
+
+def fingerprint(*parts: Any) -> str:
+    return Hasher.hash(parts)
+
+
+def procs(num_proc: Optional[int], rows: int) -> Optional[int]:
+    """num_proc for a map over `rows` rows: the recipe's value, but never workers with almost nothing to do."""
+    if not num_proc or num_proc <= 1:
+        return None
+    useful = max(1, rows // MIN_ROWS_PER_PROC)
+    return min(num_proc, useful) if useful > 1 else None
+
+
+def resolve(path: str, where: str) -> Optional[list[Path]]:
+    """The local files a data path names (a file, a directory, a glob), or None for a hub dataset id."""
+    candidate = Path(path).expanduser()
+    if candidate.is_file():
+        if candidate.suffix not in BUILDERS:
+            raise UserError(f"{where}: {path}: unsupported file type '{candidate.suffix}'; "
+                            f"use one of {', '.join(BUILDERS)}")
+        return [candidate]
+    if candidate.is_dir():
+        files = sorted(p for p in candidate.rglob("*") if p.is_file() and p.suffix in BUILDERS)
+        if not files:
+            raise UserError(f"{where}: directory {path} holds no {'/'.join(BUILDERS)} files")
+        return files
+    if glob.has_magic(path):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(path), recursive=True)
+                       if Path(p).is_file() and Path(p).suffix in BUILDERS)
+        if not files:
+            raise UserError(f"{where}: no {'/'.join(BUILDERS)} file matches {path}")
+        return files
+    if HUB_ID.match(path) and candidate.suffix not in BUILDERS:
+        return None
+    raise UserError(f"{where}: file {path} does not exist")
+
+
+def scan_json(path: Path) -> list[tuple[int, str, str]]:
+    """(line, reason, problem) for each line of a JSON Lines file that `datasets` cannot load as one row."""
+    problems: list[tuple[int, str, str]] = []
+    first_seen: dict[str, tuple[str, int]] = {}
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append((number, "malformed_json", f"not valid JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            if not isinstance(record, dict):
+                problems.append((number, "malformed_json", f"a record must be a JSON object {{...}}, "
+                                                           f"got {formats.kind(record)}"))
+                continue
+            for key, value in record.items():
+                if value is None:
+                    continue
+                seen = first_seen.setdefault(key, (formats.kind(value), number))
+                if seen[0] != formats.kind(value):
+                    problems.append((number, "bad_type", f"'{key}' is {formats.kind(value)} here but {seen[0]} on "
+                                                         f"line {seen[1]}"))
+                    break
+    return problems
+
+
+def _json_array_problem(path: Path) -> Optional[str]:
+    """For a .json file holding one array: where it stops being valid JSON (None if it is JSON Lines or valid)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is None:
+        return None
+    return f"record {bad + 1}: a record must be a JSON object {{...}}, got {formats.kind(records[bad])}"
+
+
+def _cleaned_copy(path: Path, bad_lines: set[int]) -> Path:
+    """A copy of a JSON Lines file without its unreadable lines, in the cache (the user's file stays untouched)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir("cleaned") / f"{path.stem}-{key}.jsonl"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        with path.open(encoding="utf-8", errors="replace") as src, tmp.open("w", encoding="utf-8") as dst:
+            dst.writelines(line for n, line in enumerate(src, 1) if n not in bad_lines)
+        os.replace(tmp, target)
+    return target
+
+
+def _csv_as_text(path: Path) -> dict[str, Any]:
+    """CSV cells stay text ("42" is an answer, not a number) and empty cells stay empty strings."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
+
+
+def _load(builder: str, path: Path) -> Dataset:
+    kwargs = _csv_as_text(path) if builder == "csv" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # the JSON loader logs an unhelpful message first
+    try:
+        return datasets.load_dataset(builder, data_files=[str(path)], split="train",
+                                     cache_dir=str(cache_dir()), **kwargs)
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def read_file(path: Path, on_bad_record: str) -> tuple[Dataset, Counter]:
+    """One local file as a raw dataset, plus the lines left out (skip mode) counted by reason."""
+    builder = BUILDERS[path.suffix]
+    try:
+        return _load(builder, path), Counter()
+    except Exception as exc:  # datasets wraps the parser's error; find the line ourselves
+        if builder != "json":
+            raise UserError(f"{path}: cannot be read as {path.suffix[1:]}: {exc.__cause__ or exc}") from None
+        problem = _json_array_problem(path)
+        if problem:
+            raise UserError(f"{path} {problem}") from None
+        problems = scan_json(path)
+        if not problems:
+            raise UserError(f"{path}: cannot be read: {exc.__cause__ or exc}") from None
+        if on_bad_record == "error":
+            line, _, message = problems[0]
+            more = f" ({len(problems) - 1} more such lines)" if len(problems) > 1 else ""
+            raise UserError(f"{path} line {line}: {message}{more}; fix the file, or set data.on_bad_record=skip "
+                            f"to leave such records out (they are counted)") from None
+        cleaned = _cleaned_copy(path, {line for line, _, _ in problems})
+        return _load(builder, cleaned), Counter(reason for _, reason, _ in problems)
+
+
+def read_hub(name: str, where: str) -> Dataset:
+    try:
+        return datasets.load_dataset(name, split="train", cache_dir=str(cache_dir()))
+    except Exception as exc:
+        raise UserError(f"{where}: '{name}' is not a local path, and loading it as a hub dataset failed "
+                        f"({str(exc).splitlines()[0]}); check the path, or the network for hub datasets") from None
+
+
+def locate(src: str, row: int) -> str:
+    """Where row `row` (0-based) of source `src` is, in the words a person uses for that file type."""
+    path = Path(src)
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and path.is_file()
+                                   and not path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("[")):
+        seen = -1
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                seen += bool(line.strip())
+                if seen == row:
+                    return f"{src} line {number}"
+    if path.suffix in (".csv", ".parquet"):
+        return f"{src} row {row + 1}"
+    return f"{src} record {row + 1}"
+
+
+def column(ds: Dataset, name: str) -> list:
+    return ds.with_format("arrow")[name].to_pylist()
+
+
+def settle(ds: Dataset, on_bad_record: str, policy: tuple[str, ...] = ()) -> tuple[Dataset, Counter]:
+    """Drop the rows marked bad (counting them), or raise for the first one when bad records are fatal.
+    Reasons in `policy` are length-policy drops, counted but never fatal."""
+    drops = column(ds, "_drop")
+    counts = Counter(d for d in drops if d)
+    if not counts:
+        return ds, counts
+    if on_bad_record == "error" and set(counts) - set(policy):
+        first = next(i for i, d in enumerate(drops) if d and d not in policy)
+        bad = ds[first]
+        raise UserError(f"{locate(bad['_src'], bad['_row'])}: {bad['_why']}; fix the record, or set "
+                        f"data.on_bad_record=skip to leave such records out (they are counted)")
+    keep = [i for i, d in enumerate(drops) if not d]
+    return ds.select(keep), counts
+
+
+def load_source(path: str, fmt: str, columns: dict[str, str], *, on_bad_record: str, max_samples: Optional[int],
+                num_proc: Optional[int], where: str) -> tuple[Dataset, Counter, str]:
+    """All files of one data path → (internal rows, dropped counts, detected format)."""
+    formats.check_format(fmt, where)
+    files = resolve(path, where)
+    raws: list[tuple[str, Dataset]] = []
+    dropped: Counter = Counter()
+    if files is None:
+        raws.append((path, read_hub(path, where)))
+    for file in files or []:
+        raw, skipped = read_file(file, on_bad_record)
+        raws.append((str(file), raw))
+        dropped += skipped
+    parts, detected = [], set()
+    code = code_hash(*(Path(__file__).parent / f for f in CODE_FILES))
+    for src, raw in raws:
+        if max_samples is not None:
+            raw = raw.select(range(min(max_samples, len(raw))))
+        file_fmt = fmt if fmt != "auto" else formats.detect(raw.column_names, columns, f"{where} ({src})")
+        detected.add(file_fmt)
+        features = formats.PREFERENCE_FEATURES if file_fmt == "preference" else formats.SFT_FEATURES
+        converted = raw.map(
+            formats.convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
+            features=features, num_proc=procs(num_proc, len(raw)),
+            fn_kwargs={"fmt": file_fmt, "columns": dict(columns), "src": src},
+            new_fingerprint=fingerprint(raw._fingerprint, file_fmt, sorted(columns.items()), src, code),
+            desc=f"Reading {Path(src).name}")
+        kept, bad = settle(converted, on_bad_record)
+        parts.append(kept)
+        dropped += bad
+    if len({f == "preference" for f in detected}) > 1:
+        raise UserError(f"{where}: {path} mixes preference data with SFT data; keep them in separate paths")
+    if max_samples is not None:
+        parts = [datasets.concatenate_datasets(parts).select(range(min(max_samples, sum(map(len, parts)))))]
+    return datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0], dropped, detected.pop()
+
+
+def weighted(ds: Dataset, weight: float, seed: int, where: str) -> Dataset:
+    """`weight` × the source: 0.5 keeps a seeded half, 2 repeats it twice, 1.5 once plus a seeded half."""
+    if weight <= 0:
+        raise UserError(f"{where}: weight must be positive, got {weight}")
+    if weight == 1 or len(ds) == 0:
+        return ds
+    target = round(weight * len(ds))
+    rng = np.random.default_rng(seed)
+    indices = np.concatenate([np.tile(np.arange(len(ds)), target // len(ds)),
+                              np.sort(rng.permutation(len(ds))[: target % len(ds)])])
+    return ds.select(indices.tolist())
+
+
+def load_splits(recipe: Any) -> tuple[datasets.DatasetDict, Counter, bool]:
+    """The recipe's data as internal rows: "train" (data.path + data.mix, weighted) and "eval" when asked for;
+    also the dropped counts and whether the data is preference data."""
+    data = recipe.data
+    sources = ([("data.path", data.path, 1.0, data.format)] if data.path else []) + [
+        (f"data.mix[{i}]", m.path, m.weight, m.format) for i, m in enumerate(data.mix)]
+    if not sources:
+        raise UserError("no training data: set data.path=FILE|DIR|GLOB|HUB_ID (see data/README.md for the formats)")
+    common = {"on_bad_record": data.on_bad_record, "num_proc": data.num_proc}
+    parts, dropped, kinds = [], Counter(), set()
+    for i, (where, path, weight, fmt) in enumerate(sources):
+        ds, bad, detected = load_source(path, fmt, data.columns, max_samples=data.max_samples, where=where, **common)
+        parts.append(weighted(ds, weight, recipe.seed + i, where))
+        dropped += bad
+        kinds.add(detected == "preference")
+    if len(kinds) > 1:
+        raise UserError("data.mix combines preference data (prompt/chosen/rejected) with SFT data; "
+                        "a run trains one stage: keep one kind per recipe")
+    train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
+    splits = {"train": train}
+    if data.eval_path:
+        splits["eval"], bad, _ = load_source(data.eval_path, data.format, data.columns, max_samples=None,
+                                             where="data.eval_path", **common)
+        dropped += bad
+    elif data.val_size:
+        size = int(data.val_size) if data.val_size >= 1 else max(1, round(data.val_size * len(train)))
+        if not 0 < size < len(train):
+            raise UserError(f"data.val_size={data.val_size} leaves no training examples out of {len(train)}; "
+                            "use a fraction below 1 or a smaller count")
+        split = train.train_test_split(test_size=size, seed=recipe.seed)
+        splits = {"train": split["train"], "eval": split["test"]}
+    return datasets.DatasetDict(splits), dropped, kinds.pop()
