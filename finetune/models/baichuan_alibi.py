@@ -81,7 +81,7 @@ def alibi_slopes(num_heads: int) -> torch.Tensor:
 
 
 def alibi_mask(attention_mask: torch.Tensor | None, num_heads: int, q_len: int, past: int,
-               dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+               dtype: torch.dtype, device: torch.device, position_ids: torch.Tensor | None = None) -> torch.Tensor:
     """Additive [batch|1, heads, q_len, past+q_len] mask: slope * (j - i) where key j may be seen by query i.
 
     The original adds slope * j in eval and slope * (j - i) in training; both are equal after softmax. Queries sit
@@ -94,6 +94,10 @@ def alibi_mask(attention_mask: torch.Tensor | None, num_heads: int, q_len: int, 
     allowed = (k_pos <= q_pos)[None, None]
     if attention_mask is not None:
         allowed = allowed & attention_mask[:, None, None, -kv_len:].bool()
+    elif position_ids is not None and past == 0:
+        # Padding-free packed rows: positions restart at 0 for each example, which may see only itself.
+        segment = (position_ids == 0).cumsum(-1)
+        allowed = allowed & (segment[:, None, :, None] == segment[:, None, None, :])
     return torch.where(allowed, bias[None].to(dtype), torch.finfo(dtype).min)
 
 
@@ -188,7 +192,7 @@ class BaichuanAlibiModel(BaichuanAlibiPreTrainedModel):
             past_key_values = DynamicCache(config=self.config)
         past = past_key_values.get_seq_length() if past_key_values is not None else 0
         mask = alibi_mask(attention_mask, self.config.num_attention_heads, inputs_embeds.shape[1], past,
-                          inputs_embeds.dtype, inputs_embeds.device)
+                          inputs_embeds.dtype, inputs_embeds.device, position_ids)
         hidden_states = inputs_embeds
         for layer in self.layers[: self.config.num_hidden_layers]:
             hidden_states = layer(hidden_states, mask, past_key_values, **kwargs)

@@ -77,6 +77,18 @@ def test_alibi_sdpa_and_eager_attention_agree(alibi_dir):
     assert (logits["sdpa"] - logits["eager"]).abs().max() < 1e-5
 
 
+def test_alibi_packed_row_attends_only_within_each_example(alibi_dir):
+    """Padding-free packing (position ids restart per example) must give each example's logits as if alone."""
+    model = AutoModelForCausalLM.from_pretrained(alibi_dir, dtype=torch.float32).eval()
+    first, second = torch.randint(3, 1000, (1, 7)), torch.randint(3, 1000, (1, 5))
+    packed = torch.cat([first, second], dim=1)
+    positions = torch.cat([torch.arange(7), torch.arange(5)])[None]
+    with torch.no_grad():
+        together = model(input_ids=packed, position_ids=positions).logits
+        alone = torch.cat([model(input_ids=first).logits, model(input_ids=second).logits], dim=1)
+    assert torch.allclose(together, alone, atol=1e-5)
+
+
 def test_alibi_left_padded_batch_generates_as_each_prompt_alone(alibi_dir):
     model = AutoModelForCausalLM.from_pretrained(alibi_dir).eval()
     short, long = torch.tensor([[5, 900, 31000]]), torch.tensor([[7, 8, 9, 10, 11, 12]])
