@@ -1,0 +1,209 @@
+"""The human side of a run: sample answers before and after training, the loss curve, and report.md.
+
+Sample prompts are the held-out examples themselves, cut where their first trained token starts: exactly the
+inference prompt of the family's template (system + user + assistant marker), so the samples show what the
+deployed model will answer, with the reference answer next to it.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Optional
+
+import torch
+from datasets import DatasetDict
+
+from finetune import atomic
+from finetune.rundir import RunDir
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+    from finetune.train.sft import Session
+
+IGNORE = -100
+GIB = 2**30
+MAX_NEW_TOKENS = 64
+
+
+@dataclass
+class Sample:
+    prompt_ids: list[int]
+    reference_ids: list[int]
+    before: str = ""
+    after: str = ""
+
+
+def held_out(splits: DatasetDict, count: int) -> list[Sample]:
+    """The first `count` eval examples (train examples when there is no eval split) as prompt + reference."""
+    split = splits["eval"] if "eval" in splits else splits["train"]
+    samples: list[Sample] = []
+    for row in split.select(range(min(count, len(split)))):
+        if "prompt_ids" in row:  # preference data
+            samples.append(Sample(list(row["prompt_ids"]), list(row["chosen_ids"])))
+            continue
+        ids, labels = list(row["input_ids"]), list(row["labels"])
+        if "seq_lengths" in row:  # a packed row: its first example only
+            ids, labels = ids[:row["seq_lengths"][0]], labels[:row["seq_lengths"][0]]
+        first = next((i for i, label in enumerate(labels) if label != IGNORE), None)
+        if not first:
+            continue  # plain text (everything trained) has no prompt to ask
+        end = first
+        while end < len(labels) and labels[end] != IGNORE:
+            end += 1
+        samples.append(Sample(ids[:first], ids[first:end]))
+    return samples
+
+
+@torch.no_grad()
+def generate(model: Any, tokenizer: Any, samples: list[Sample], stop_ids: list[int], attr: str) -> None:
+    """Greedy answers (deterministic, no RNG used) into `sample.<attr>`; the model's train/eval mode is kept."""
+    if not samples:
+        return
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    for sample in samples:
+        ids = torch.tensor([sample.prompt_ids], device=device)
+        out = model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=MAX_NEW_TOKENS,
+                             do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[0], use_cache=True)
+        setattr(sample, attr, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
+    model.train(was_training)
+
+
+def read_metrics(path: Path) -> list[dict[str, Any]]:
+    if not path.is_file():
+        return []
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+
+
+def loss_curve(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
+    """Train and eval loss against the optimizer step, as a PNG (written whole, then renamed)."""
+    train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
+    evals = [(r["step"], r["eval_loss"]) for r in rows if "eval_loss" in r]
+    if not train and not evals:
+        return None
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4))
+    for points, label, style in ((train, "train", "-"), (evals, "eval", "o--")):
+        if points:
+            ax.plot(*zip(*points), style, label=label)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=".png")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, dpi=100, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        plt.close(fig)
+        Path(tmp).unlink(missing_ok=True)
+    return path
+
+
+def _gib(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value / GIB:.2f} GiB"
+
+
+def _fence(text: str) -> str:
+    return "```\n" + text.replace("```", "ˋˋˋ") + "\n```"
+
+
+def write(run: RunDir, summary: dict[str, Any], samples: list[Sample], tokenizer: Any) -> Path:
+    """report.md (and loss.png) for a finished run, from summary.json's figures and metrics.jsonl."""
+    curve = loss_curve(read_metrics(run.metrics_file), run.path / "loss.png")
+    memory = summary.get("memory", {})
+    measured = memory.get("gpu_peak_reserved_bytes") or memory.get("host_peak_rss_bytes")
+    measured_label = "measured peak (CUDA reserved)" if "gpu_peak_reserved_bytes" in memory \
+        else "measured peak RSS (CPU process)"
+    rows = [
+        ("model", f"{summary['model']} — {summary['source']}"),
+        ("method / stage", f"{summary['method']} / {summary['stage']}"),
+        ("processes", f"{summary['world_size']} × {summary['device']}"),
+        ("optimizer steps", summary["global_step"]),
+        ("final train loss", _num(summary.get("final_loss"))),
+        ("final eval loss", _num(summary.get("final_eval_loss"))),
+        ("throughput", f"{summary['tokens_per_second']:.0f} tokens/s" if summary.get("tokens_per_second") else "—"),
+        ("training time", f"{summary['train_runtime_s']:.1f} s"),
+        ("wall time (load, data, samples, save)", f"{summary['wall_s']:.1f} s"),
+        ("memory estimate (per GPU)", _gib(summary.get("estimate_peak_bytes"))),
+        (measured_label, _gib(measured)),
+    ]
+    lines = [f"# {run.path.name}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
+    if curve:
+        lines += [f"![loss curve]({curve.name})", ""]
+    if samples:
+        lines += ["## Samples of held-out prompts", "",
+                  f"Greedy, at most {MAX_NEW_TOKENS} new tokens, before and after training.", ""]
+        for n, sample in enumerate(samples, 1):
+            lines += [f"### {n}", "", "Prompt:", "", _fence(tokenizer.decode(sample.prompt_ids)), "",
+                      "Reference:", "", _fence(tokenizer.decode(sample.reference_ids, skip_special_tokens=True)), "",
+                      "Before:", "", _fence(sample.before), "", "After:", "", _fence(sample.after), ""]
+    lines += ["## Next", "", "```", summary["next"], "```", ""]
+    return atomic.write_text(run.report_file, "\n".join(lines))
+
+
+def _num(value: Optional[float]) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+
+def announce(session: "Session") -> None:
+    """The few facts worth reading once, before the progress bar takes over."""
+    recipe, where = session.recipe, session.launch
+    memory = session.estimate["verdict"] + (" (--force)" if session.estimate.get("forced") else "")
+    resume = f", resuming from {session.checkpoint.name}" if session.checkpoint else ""
+    session.console.print(f"[bold]model[/]   {recipe.model} — {session.model.source}\n"
+                          f"[bold]memory[/]  {memory}\n"
+                          f"[bold]launch[/]  {where.world_size} process(es) on {where.device.split(':')[0]}"
+                          f"{' (gloo)' if where.use_cpu and where.world_size > 1 else ''}, "
+                          f"distributed={recipe.distributed}{resume}\n"
+                          f"[bold]run[/]     {session.run.path}")
+
+
+def announce_model(console: "Console", trainer: Any) -> None:
+    """Trainable parameters (after TRL attached the adapter) and the data the trainer got."""
+    params = list(trainer.model.parameters())
+    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    held_out = f", {len(trainer.eval_dataset):,} held out" if trainer.eval_dataset is not None else ""
+    console.print(f"[bold]train[/]   {trainable:,} of {total:,} parameters trainable "
+                  f"({100 * trainable / max(total, 1):.2f}%), {len(trainer.train_dataset):,} training rows{held_out}")
+
+def summarize(session: "Session", trainer: Any, metrics: dict[str, Any], peak: dict[str, int]) -> dict[str, Any]:
+    """summary.json: the figures of a finished run (losses, throughput, time, estimate vs measured memory)."""
+    recipe, history = session.recipe, trainer.state.log_history
+    losses = [row["loss"] for row in history if "loss" in row]
+    evals = [row["eval_loss"] for row in history if "eval_loss" in row]
+    tokens = next((row["num_tokens"] for row in reversed(history) if "num_tokens" in row), None)
+    runtime = metrics.get("train_runtime") or 0.0
+    return {"status": "finished", "model": recipe.model, "source": session.model.source, "method": recipe.method,
+            "stage": recipe.stage, "world_size": session.launch.world_size,
+            "device": session.launch.device.split(":")[0], "global_step": trainer.state.global_step,
+            "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1] if evals else None,
+            "train_loss": metrics.get("train_loss"), "train_runtime_s": runtime,
+            "train_tokens": tokens, "tokens_per_second": tokens / runtime if tokens and runtime else None,
+            "wall_s": time.monotonic() - session.started,
+            "estimate_peak_bytes": session.estimate.get("peak_bytes"), "memory": peak,
+            "resumed_from": str(session.checkpoint) if session.checkpoint else None,
+            "next": f"finetune export run={session.run.path} to=ollama"}
+
+
+def say_goodbye(console: "Console", summary: dict[str, Any], run: RunDir) -> None:
+    """The last lines of a run: where the weights are, how it went, what to run next."""
+    tps, loss = summary["tokens_per_second"], summary["final_loss"]
+    console.print(
+        f"[bold green]trained[/] {summary['global_step']} steps in {summary['train_runtime_s']:.1f} s"
+        f"{f', {tps:,.0f} tokens/s' if tps else ''}{f'; final loss {loss:.4f}' if loss is not None else ''}\n"
+        f"[bold]weights[/] {summary['weights']}\n[bold]report[/]  {run.report_file}\n"
+        f"[bold]next[/]    {summary['next']}")
