@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
+import os
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -26,6 +28,7 @@ from typing import Optional
 from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
+from rich.logging import RichHandler
 
 from finetune import config
 from finetune.errors import UserError, did_you_mean
@@ -104,7 +107,8 @@ def cmd_train(args: list[str]) -> int:
     from finetune import train
 
     run = train.run(recipe, force=flags.force)
-    err.print(f"[bold green]done[/] — run directory: {run.path}")
+    if int(os.environ.get("RANK", "0")) == 0:  # under accelerate/torchrun every rank returns here
+        err.print(f"[bold green]done[/] — run directory: {run.path}")
     return 0
 
 
@@ -278,8 +282,19 @@ def _usage() -> str:
         "Every key: finetune recipe=NAME --print-config.  Docs: README.md\n"
 
 
+def _setup_logging() -> None:
+    """Our own INFO lines (model source, mirror used, estimate) go to stderr; libraries stay at their level."""
+    handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
+    logger = logging.getLogger("finetune")
+    if not logger.handlers:
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+        logger.propagate = False
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    _setup_logging()
     if not args or args[0] in ("-h", "--help", "help"):
         sys.stdout.write(_usage())
         return 0

@@ -2,8 +2,8 @@
 
 Weights of the real shapes filled with a constant (memory does not depend on weight values), built from the registry's
 shipped configs through `native_config` — no download. The model is prepared the way our trainer prepares it
-(weights in the recipe's precision; bitsandbytes' quantizer on the linears transformers would quantize, then
-peft.prepare_model_for_kbit_training as finetune/train/sft.py runs it; PEFT LoRA;
+(weights in the recipe's precision; bitsandbytes' quantizer on the linears transformers would quantize, the
+16-bit parts left 16-bit as finetune/train/sft.py leaves them; PEFT LoRA;
 TRL's fused LM head; gradient checkpointing; the trainer's optimizer class), then a few optimizer steps run on
 random tokens of full length. One process runs every cell; each cell frees its memory, and an OOM or any other
 failure is recorded for that cell instead of ending the run.
@@ -62,10 +62,7 @@ def build(recipe: Recipe, spec: ModelSpec, device: str) -> tuple[torch.nn.Module
     for param in model.parameters():
         param.data.fill_(STD)  # memory does not depend on the values: a constant is fast and keeps the loss finite
     if recipe.method == "qlora":
-        from peft import prepare_model_for_kbit_training
-
-        _quantize(model, recipe, dtype, device)
-        model = prepare_model_for_kbit_training(model, recipe.train.gradient_checkpointing)  # as sft.py does
+        _quantize(model, recipe, dtype, device)  # 16-bit parts stay 16-bit, as finetune/train/sft.py leaves them
     model.config.use_cache = False
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     if recipe.method != "full":
@@ -280,7 +277,7 @@ TORCHTUNE_ROWS = [  # (row, measured GiB, our settings, comparable?, note)
     ("LoRA, 1x 4090", 16.2, ["method=lora", LORA_ATTN_MLP, "train.gradient_checkpointing=true"], True,
      "activation checkpointing on (the config's default)"),
     ("QLoRA, 1x 4090", 7.4, ["method=qlora", QLORA_ALL, "train.gradient_checkpointing=true"], True,
-     "checkpointing on; planned as torchtune keeps embeddings/output: bf16 (kbit_upcast=False)"),
+     "checkpointing on; embeddings/output stay bf16, as in torchtune and our trainer"),
     ("LoRA, 1x A6000", 30.3, ["method=lora", LORA_ATTN_MLP, "train.gradient_checkpointing=false"], False,
      "no checkpointing, so torch.compile's fused kernels (fewer saved tensors than eager PyTorch + PEFT) decide"),
     ("Full, 1x 4090", 18.9, ["method=full", "train.gradient_checkpointing=true",
@@ -309,14 +306,10 @@ def published_markdown() -> str:
              f"({CUDA_CONTEXT_BYTES / GiB:.2f} GiB).", "",
              "| row | measured | estimate | error | comparable | setting |", "|---|---|---|---|---|---|"]
     for row, measured, overrides, comparable, note in TORCHTUNE_ROWS:
-        est = (plan(torchtune_setting(*overrides), spec, kbit_upcast=False).peak_bytes - CUDA_CONTEXT_BYTES) / GiB
+        est = (plan(torchtune_setting(*overrides), spec).peak_bytes - CUDA_CONTEXT_BYTES) / GiB
         lines.append(f"| {row} | {measured} GiB | {est:.1f} GiB | {100 * (est - measured) / measured:+.0f}% | "
                      f"{'yes' if comparable else 'no'} | {note} |")
-    qlora = torchtune_setting(*TORCHTUNE_ROWS[1][2])
-    ours = (plan(qlora, spec).peak_bytes - CUDA_CONTEXT_BYTES) / GiB
-    lines += ["", f"Our own QLoRA trainer runs `peft.prepare_model_for_kbit_training`, which keeps the embeddings, "
-                  f"lm_head and norms in fp32 (and with them the residual stream): the same QLoRA row then needs "
-                  f"{ours:.1f} GiB.", "",
+    lines += ["",
               "## Others' *estimated* tables (sanity ranges, not targets)", "",
               "Ours: one GPU, micro_batch 1, 2048 tokens, gradient checkpointing, the shipped base recipe of "
               "each method (QLoRA: r=64, paged 8-bit AdamW; LoRA: r=16, AdamW), CUDA context included.", "",

@@ -6,8 +6,8 @@ What training holds, as our stack (transformers 5 + PEFT + TRL's SFTTrainer + bi
 - LoRA adapters are fp32 (PEFT's autocast_adapter_dtype), bf16 under QLoRA (TRL casts them; DoRA magnitudes
   stay fp32) and under ZeRO-3 (TRL). Gradients and AdamW states have the dtype of their parameter.
 - QLoRA: transformers' bitsandbytes quantizer decides what is not quantized (embeddings, lm_head, norms,
-  biases), and peft.prepare_model_for_kbit_training (finetune/train/sft.py) casts those to fp32 — so the residual
-  stream and the MLP activations are fp32 too (bitsandbytes linears return their input's dtype). NF4/FP4 stores
+  biases); those stay 16-bit (finetune/train/sft.py does not run peft.prepare_model_for_kbit_training, which
+  would make them — and with them the residual stream — fp32: QLORA_UPCAST). NF4/FP4 stores
   0.5 byte per weight + an fp32 absmax per 64-block (double quant: 1 byte per block + an fp32 absmax per 256
   blocks); LLM.int8 stores 1 byte per weight + an fp32 scale per row.
 - Activations: what autograd saves per decoder layer (checked against saved-tensor hooks in
@@ -77,9 +77,10 @@ class _Bytes:
         return self.kept
 
 
-QLORA_UPCAST = True
-"""finetune/train/sft.py runs peft.prepare_model_for_kbit_training on the 4-bit model, which casts every
-16-bit parameter left (embeddings, lm_head, norms) to fp32 — and so the residual stream too."""
+QLORA_UPCAST = False
+"""Whether a QLoRA model's 16-bit parts (embeddings, lm_head, norms, and so the residual stream) are fp32, as
+peft.prepare_model_for_kbit_training makes them. finetune/train/sft.py does not call it (TRL keeps them 16-bit),
+so plan() follows; True models trainers that do."""
 
 
 def _dtype_bytes(recipe: Recipe, kbit_upcast: bool = QLORA_UPCAST) -> _Bytes:

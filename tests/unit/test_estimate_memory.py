@@ -142,7 +142,7 @@ def test_estimate_reproduces_torchtunes_measured_peak_within_15_percent(row):
     others, and why not, are in docs/memory.md). Their peak is torch's allocator figure: no CUDA context."""
     bench = _bench()
     name, measured_gib, overrides, _, _ = row
-    p = plan(bench.torchtune_setting(*overrides), bench.llama_3_1_8b(), kbit_upcast=False)
+    p = plan(bench.torchtune_setting(*overrides), bench.llama_3_1_8b())
     assert (p.peak_bytes - CUDA_CONTEXT_BYTES) / GiB == pytest.approx(measured_gib, rel=0.15)
 
 
