@@ -1,0 +1,100 @@
+"""An Ollama model directory: the GGUF plus a Modelfile that reproduces the training chat format exactly.
+
+Ollama ships no template for ChatGLM3 or Baichuan2 and guesses from GGUF metadata otherwise, which is how exported
+models end up answering in the wrong format and never stopping. So the Modelfile states everything:
+TEMPLATE (finetune.models.templates, tested token for token against our training ids through llama.cpp),
+PARAMETER stop for every stop string of the family, num_ctx = the training length, and the system prompt the
+run trained with (or the family's default). `Modelfile.adapter` is the same model as base GGUF + ADAPTER (the
+LoRA as GGUF), for users who keep one base and several adapters.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Optional
+
+from finetune import atomic
+from finetune.models import templates
+
+
+def _quoted(value: str) -> str:
+    """A one-line Modelfile value in double quotes (Ollama's parser strips them, with no escape processing)."""
+    if '"' in value or "\n" in value:
+        raise ValueError(f"a quoted Modelfile value cannot contain quotes or newlines: {value!r}")
+    return f'"{value}"'
+
+
+def _block(value: str) -> str:
+    """A multi-line Modelfile value: taken verbatim between triple quotes (which it must not contain)."""
+    if '"""' in value:
+        raise ValueError(f'a Modelfile block cannot contain """: {value!r}')
+    return f'"""{value}"""'
+
+
+def modelfile(template: str, source: str, *, num_ctx: int, system: Optional[str] = None,
+              adapter: Optional[str] = None) -> str:
+    """The Modelfile text for chat format `template`, FROM `source` (a path relative to the Modelfile)."""
+    system = system if system is not None else templates.default_system(template)
+    lines = [f"FROM {source}"]
+    if adapter:
+        lines.append(f"ADAPTER {adapter}")
+    lines.append(f"TEMPLATE {_block(templates.ollama_template(template))}")
+    if system:
+        lines.append(f"SYSTEM {_block(system)}")
+    lines += [f"PARAMETER stop {_quoted(stop)}" for stop in templates.ollama_stop_strings(template)]
+    lines.append(f"PARAMETER num_ctx {num_ctx}")
+    return "\n".join(lines) + "\n"
+
+
+def model_name(text: str) -> str:
+    """An Ollama model name from a run name: lowercase letters, digits, '.', '_' and '-'."""
+    return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._") or "finetuned"
+
+
+def _place(src: Path, dst: Path) -> None:
+    """A hard link when the filesystem allows (no second copy of a multi-GB file), a copy otherwise."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copy2(src, dst)
+
+
+def write_dir(dst: Path, template: str, model_gguf: Path, *, num_ctx: int, system: Optional[str],
+              base_gguf: Optional[Path] = None, adapter_gguf: Optional[Path] = None) -> Path:
+    """dst/ with Modelfile (+ Modelfile.adapter when the un-merged pair is given) and the GGUF files, atomically."""
+    with atomic.directory(dst, replace=True) as tmp:
+        _place(model_gguf, tmp / model_gguf.name)
+        atomic.write_text(tmp / "Modelfile",
+                          modelfile(template, f"./{model_gguf.name}", num_ctx=num_ctx, system=system))
+        if base_gguf and adapter_gguf:
+            _place(base_gguf, tmp / base_gguf.name)
+            _place(adapter_gguf, tmp / adapter_gguf.name)
+            atomic.write_text(tmp / "Modelfile.adapter",
+                              modelfile(template, f"./{base_gguf.name}", num_ctx=num_ctx, system=system,
+                                        adapter=f"./{adapter_gguf.name}"))
+    return dst
+
+
+def create_command(name: str, directory: Path, modelfile_name: str = "Modelfile") -> str:
+    return f"ollama create {name} -f {directory.resolve() / modelfile_name}"
+
+
+def smoke_test(name: str, directory: Path, prompt: str = "Hello!") -> Optional[str]:
+    """With an `ollama` binary on PATH: create the model and get one answer, as a line for the summary;
+    None when there is no ollama here."""
+    ollama = shutil.which("ollama")
+    if ollama is None:
+        return None
+    try:
+        subprocess.run([ollama, "create", name, "-f", str(directory / "Modelfile")], check=True,
+                       capture_output=True, text=True, timeout=600)
+        done = subprocess.run([ollama, "run", name, prompt], check=True, capture_output=True, text=True,
+                              timeout=300)
+    except (subprocess.CalledProcessError, subprocess.TimeoutExpired) as exc:
+        detail = (getattr(exc, "stderr", None) or str(exc)).strip().splitlines()[-1:]
+        return f"ollama could not create/run {name} ({' '.join(detail)}); is `ollama serve` running?"
+    return f"ollama created {name}; it answered {prompt!r} with {done.stdout.strip()[:200]!r}"

@@ -1,0 +1,3 @@
+module finetune/gotmpl
+
+go 1.19

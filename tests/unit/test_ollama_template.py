@@ -1,0 +1,97 @@
+"""The Modelfile says everything Ollama needs, and its TEMPLATE, rendered by Go's own text/template (the engine
+Ollama runs), gives the same text as the tokenizer's chat template used for training and vLLM.
+
+The token-level check (Go-rendered text → the exported GGUF's tokenizer in llama.cpp → exactly our training
+prompt ids) is in tests/e2e/test_export.py; this file needs no model.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from finetune.export import ollama
+from finetune.models import templates
+
+GOTMPL = Path(__file__).resolve().parents[1] / "gotmpl"
+FAMILIES = ("chatglm3", "baichuan2", "qwen1", "qwen2_5", "llama2")
+CONVERSATION = [
+    {"role": "system", "content": "你是一个乐于助人的助手。Answer briefly."},
+    {"role": "user", "content": "What is the capital of France?"},
+    {"role": "assistant", "content": "Paris."},
+    {"role": "user", "content": "长城有多长？\nGive a number."},
+    {"role": "assistant", "content": "About 21,196 km."},
+    {"role": "user", "content": "Thanks!"},
+]
+
+
+@pytest.fixture(scope="module")
+def go_render(tmp_path_factory):
+    """render(template, messages) -> text, with tests/gotmpl built once by Go (Debian's golang-go in CI)."""
+    if shutil.which("go") is None:
+        pytest.skip("Go is not installed (apt-get install -y golang-go); it renders the Ollama templates")
+    binary = tmp_path_factory.mktemp("gotmpl") / "gotmpl"
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=GOTMPL, check=True, capture_output=True)
+
+    def render(template: str, messages: list[dict]) -> str:
+        done = subprocess.run([str(binary)], input=json.dumps({"template": template, "messages": messages}),
+                              capture_output=True, text=True, check=True)
+        return done.stdout
+
+    return render
+
+
+def _jinja(template: str, messages: list[dict]) -> str:
+    env = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
+    env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
+    source = templates.hf_chat_template(template).replace("{%- generation -%}", "").replace(
+        "{%- endgeneration -%}", "")
+    return env.from_string(source).render(messages=messages, add_generation_prompt=True)
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_go_rendered_template_equals_the_training_chat_template(go_render, family):
+    rendered = go_render(templates.ollama_template(family), CONVERSATION)
+    expected = _jinja(family, CONVERSATION)
+    if family == "llama2":  # llama.cpp adds the first <s> itself (add_bos_token); the HF text carries it
+        expected = expected.removeprefix("<s>")
+    assert rendered == expected
+
+
+@pytest.mark.parametrize("family", ("qwen1", "qwen2_5"))
+def test_family_default_system_is_rendered_when_the_conversation_has_none(go_render, family):
+    rendered = go_render(templates.ollama_template(family), CONVERSATION[1:])
+    assert rendered.startswith(f"<|im_start|>system\n{templates.default_system(family)}<|im_end|>\n")
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_modelfile_states_template_every_stop_context_and_system(family):
+    text = ollama.modelfile(family, "./model-q4_k_m.gguf", num_ctx=3072, system="Be brief.")
+    lines = text.splitlines()
+    assert lines[0] == "FROM ./model-q4_k_m.gguf"
+    assert f'TEMPLATE """{templates.ollama_template(family)}"""' in text
+    assert 'SYSTEM """Be brief."""' in text
+    stops = [line.split(" ", 2)[2] for line in lines if line.startswith("PARAMETER stop ")]
+    assert stops == [f'"{s}"' for s in templates.ollama_stop_strings(family)]
+    assert "PARAMETER num_ctx 3072" in lines
+
+
+def test_modelfile_uses_the_family_default_system_and_omits_none():
+    assert f'SYSTEM """{templates.default_system("qwen2_5")}"""' in ollama.modelfile("qwen2_5", "./m.gguf",
+                                                                                   num_ctx=512)
+    assert "SYSTEM" not in ollama.modelfile("llama2", "./m.gguf", num_ctx=512)
+
+
+def test_adapter_modelfile_names_base_and_adapter():
+    text = ollama.modelfile("llama2", "./base-q4_k_m.gguf", num_ctx=512, adapter="./adapter-f16.gguf")
+    assert text.splitlines()[:2] == ["FROM ./base-q4_k_m.gguf", "ADAPTER ./adapter-f16.gguf"]
+
+
+def test_model_name_is_a_valid_ollama_name():
+    assert ollama.model_name("Qwen7B_QLoRA-20261123-101500") == "qwen7b_qlora-20261123-101500"
+    assert ollama.model_name("运行 1") == "1"
