@@ -182,7 +182,8 @@ def test_verdict_against_the_gpus_free_memory_and_without_any_gpu():
     peak = nowhere["peak_bytes"]
     assert nowhere["fits_on"] == [n for n, gib in sorted(KNOWN_GPUS.items(), key=lambda kv: kv[1])
                                   if gib * GiB >= peak]
-    assert "A100 80GB" in nowhere["fits_on"] and "RTX 3060 12GB" not in nowhere["fits_on"]
+    assert "A100 80GB" in nowhere["fits_on"] and "T4 16GB" in nowhere["fits_on"]
+    assert "RTX 3060 12GB" not in report.estimate_report(config.load("qwen7b_lora"), spec, [], gpu_mem=None)["fits_on"]
 
 
 def test_rendered_estimate_and_png_chart(tmp_path):
