@@ -52,3 +52,47 @@ def test_print_config_prints_the_resolved_recipe(cli):
     out = cli("recipe=qwen7b_qlora", "lora.r=8", "--print-config")
     assert out.returncode == 0, out.stderr
     assert "method: qlora" in out.stdout and "r: 8" in out.stdout
+
+
+def test_list_models_is_the_registry_with_predicted_memory(cli):
+    out = cli("list", "models", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = {row["model"]: row for row in json.loads(out.stdout)}
+    assert {"chatglm3_6b", "baichuan2_13b", "qwen1_7b", "qwen2_5_7b", "llama2_7b"} <= set(rows)
+    glm = rows["chatglm3_6b"]
+    assert glm["modelscope_id"] == "ZhipuAI/chatglm3-6b" and "registration" in glm["commercial_use"]
+    lora = next(v for k, v in glm.items() if k.startswith("lora_gib"))
+    qlora = next(v for k, v in glm.items() if k.startswith("qlora_gib"))
+    assert 0 < qlora < lora  # computed by the estimator, not hand-written
+
+
+def test_gpus_says_plainly_when_there_is_none(cli):
+    out = cli("gpus")
+    assert out.returncode == 0, out.stderr
+    assert "no NVIDIA GPU found" in out.stderr
+
+
+def test_dry_run_verdicts_and_exit_codes(cli, tmp_path):
+    fits = cli("recipe=qwen7b_qlora", "--dry-run", "gpu_mem=24", f"output_dir={tmp_path / 'a'}")
+    assert fits.returncode == 0, fits.stderr
+    assert "fits" in fits.stderr and "7,615,616,512" in fits.stderr
+    too_big = cli("recipe=qwen7b_full", "--dry-run", "gpu_mem=24", "num_gpus=1", "distributed=none",
+                  f"output_dir={tmp_path / 'b'}")
+    assert too_big.returncode == 3 and "method=lora" in too_big.stderr  # ranked fixes, each re-estimated
+    assert list(tmp_path.iterdir()) == []  # a dry run loads and writes nothing
+
+
+def test_estimate_json_has_the_agreed_keys(cli):
+    out = cli("estimate", "recipe=baichuan2_13b_qlora", "gpu_mem=16", "--json")
+    report = json.loads(out.stdout)
+    assert report["params_total"] == 13_896_668_160
+    assert {"params_trainable", "peak_bytes", "breakdown", "gpus", "fits", "suggestions"} <= set(report)
+    assert out.returncode == (0 if report["fits"] else 3)
+
+
+def test_recommend_ranks_what_fits(cli):
+    out = cli("recommend", "gpu_mem=12", "lang=zh", "--json")
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert rows and all(r["peak_bytes"] <= 12 * 2**30 for r in rows)
+    assert all("zh" in r["languages"] or r["variant"] == "zh" for r in rows)  # zh: Chinese-LLaMA-2
