@@ -90,8 +90,8 @@ def main() -> None:
         seconds = time.perf_counter() - start
         peak = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss * 1024
         out_size = sum(p.stat().st_size for p in dst.glob("*.safetensors"))
-        print(f"| model | checkpoint | converted | convert time | peak RSS of the conversion | RSS / checkpoint |")
-        print(f"|---|---|---|---|---|---|")
+        print("| model | checkpoint | converted | convert time | peak RSS of the conversion | RSS / checkpoint |")
+        print("|---|---|---|---|---|---|")
         print(f"| {args.model} | {size / 2**30:.2f} GiB | {out_size / 2**30:.2f} GiB | {seconds:.0f} s | "
               f"{peak / 2**30:.2f} GiB | {peak / size:.2f} |")
     finally:

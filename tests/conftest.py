@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -13,10 +15,8 @@ REPO = Path(__file__).resolve().parent.parent
 
 
 def pytest_configure(config: pytest.Config) -> None:
-    # Tiny models, converted checkpoints and tokenizers are cached across sessions unless CI says otherwise;
-    # nothing may reach a model hub from the tests.
-    os.environ.setdefault("FINETUNE_CACHE", str(REPO / ".cache" / "finetune"))
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    # Tiny models, converted checkpoints and tokenizers are cached (keyed by content) in the usual cache;
+    # the tests never reach a model hub: tiny models are built locally.
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
@@ -31,3 +31,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture(scope="session")
+def go_render(tmp_path_factory):
+    """render(template, messages) -> text: an Ollama TEMPLATE rendered by Go's own text/template (tests/gotmpl,
+    built once; Debian's golang-go in CI), the way Ollama renders it."""
+    if shutil.which("go") is None:
+        pytest.skip("Go is not installed (apt-get install -y golang-go); it renders the Ollama templates")
+    binary = tmp_path_factory.mktemp("gotmpl") / "gotmpl"
+    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=REPO / "tests" / "gotmpl", check=True,
+                   capture_output=True)
+
+    def render(template: str, messages: list[dict]) -> str:
+        return subprocess.run([str(binary)], input=json.dumps({"template": template, "messages": messages}),
+                              capture_output=True, text=True, check=True).stdout
+
+    return render

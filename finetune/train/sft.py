@@ -254,7 +254,7 @@ def stop_ids(session: Session, tokenizer: Any) -> list[int]:
 
 def finish(session: Session, trainer: Any, samples: list[report.Sample]) -> RunDir:
     """Train (or resume), evaluate, save the weights and tokenizer, write summary.json and report.md."""
-    recipe, run, where = session.recipe, session.run, session.launch
+    run, where = session.run, session.launch
     stop, peak = callbacks.GracefulStop(), callbacks.PeakMemory()
     for callback in (stop, peak, callbacks.MetricsLog(run.metrics_file)):
         trainer.add_callback(callback)

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import re
 import shutil
-import subprocess
 from pathlib import Path
 
 import pytest
@@ -26,7 +25,6 @@ from finetune.models.tiny import cached_tiny
 
 pytestmark = pytest.mark.e2e
 
-GOTMPL = Path(__file__).resolve().parents[1] / "gotmpl"
 ARCH = {"tiny_qwen2_5": "qwen2", "tiny_llama2": "llama", "tiny_chatglm3": "chatglm",
         "tiny_baichuan2_7b": "llama", "tiny_baichuan2_13b": "refact"}
 CONVERSATION = [
@@ -73,20 +71,6 @@ def lora_model(run: rundir.RunDir, *, quantized: bool = False, seed: int = 0):
 
 def add_adapter(run: rundir.RunDir, **kw) -> None:
     lora_model(run, **kw).save_pretrained(run.adapter_dir)
-
-
-@pytest.fixture(scope="module")
-def go_render(tmp_path_factory):
-    if shutil.which("go") is None:
-        pytest.skip("Go is not installed (apt-get install -y golang-go); it renders the Ollama templates")
-    binary = tmp_path_factory.mktemp("gotmpl") / "gotmpl"
-    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=GOTMPL, check=True, capture_output=True)
-
-    def render(template: str, messages: list[dict]) -> str:
-        return subprocess.run([str(binary)], input=json.dumps({"template": template, "messages": messages}),
-                              capture_output=True, text=True, check=True).stdout
-
-    return render
 
 
 @pytest.fixture(scope="module")

@@ -7,10 +7,6 @@ prompt ids) is in tests/e2e/test_export.py; this file needs no model.
 
 from __future__ import annotations
 
-import json
-import shutil
-import subprocess
-from pathlib import Path
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
@@ -18,7 +14,6 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from finetune.export import ollama
 from finetune.models import templates
 
-GOTMPL = Path(__file__).resolve().parents[1] / "gotmpl"
 FAMILIES = ("chatglm3", "baichuan2", "qwen1", "qwen2_5", "llama2")
 CONVERSATION = [
     {"role": "system", "content": "你是一个乐于助人的助手。Answer briefly."},
@@ -28,22 +23,6 @@ CONVERSATION = [
     {"role": "assistant", "content": "About 21,196 km."},
     {"role": "user", "content": "Thanks!"},
 ]
-
-
-@pytest.fixture(scope="module")
-def go_render(tmp_path_factory):
-    """render(template, messages) -> text, with tests/gotmpl built once by Go (Debian's golang-go in CI)."""
-    if shutil.which("go") is None:
-        pytest.skip("Go is not installed (apt-get install -y golang-go); it renders the Ollama templates")
-    binary = tmp_path_factory.mktemp("gotmpl") / "gotmpl"
-    subprocess.run(["go", "build", "-o", str(binary), "."], cwd=GOTMPL, check=True, capture_output=True)
-
-    def render(template: str, messages: list[dict]) -> str:
-        done = subprocess.run([str(binary)], input=json.dumps({"template": template, "messages": messages}),
-                              capture_output=True, text=True, check=True)
-        return done.stdout
-
-    return render
 
 
 def _jinja(template: str, messages: list[dict]) -> str:
