@@ -1,0 +1,14 @@
+#!/usr/bin/env bash
+# Set up (idempotent) and run the whole test suite. Extra arguments go to pytest (e.g. -k export, tests/unit).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+bash scripts/setup.sh || exit 1
+# Ollama templates are rendered with Go's own text/template in the export tests (Debian's golang-go).
+if ! command -v go >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null) \
+    || echo "warning: golang-go could not be installed; Go template tests will be skipped"
+fi
+.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
+rc=$?
+if [ "$rc" = 5 ]; then echo "error: pytest collected no tests — the suite is broken, not green"; exit 1; fi
+exit "$rc"
