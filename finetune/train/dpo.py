@@ -37,15 +37,16 @@ class PretokenizedDPOTrainer(DPOTrainer):
 def run(recipe: Recipe, *, force: bool = False) -> RunDir:
     sft_run = rundir.open_run(recipe.dpo.sft_run) if recipe.dpo.sft_run else None
     session = sft.start(recipe, force=force)
-    tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
-    with PartialState().local_main_process_first():
-        splits = data.build_preference(recipe, tokenizer, session.template)
-    args = sft.trainer_args(DPOConfig, session, has_eval="eval" in splits, beta=recipe.dpo.beta,
-                            loss_type=[recipe.dpo.loss], max_length=None)  # rows already fit train.max_length
-    model, adapter = starting_point(session, sft_run)
-    samples = sft.before_samples(session, model, tokenizer, splits)
-    trainer = PretokenizedDPOTrainer(model=model, args=args, train_dataset=splits["train"],
-                                     eval_dataset=splits.get("eval"), processing_class=tokenizer, peft_config=adapter)
+    with sft.discarded_on_failure(session):
+        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
+        with PartialState().local_main_process_first():
+            splits = data.build_preference(recipe, tokenizer, session.template)
+        args = sft.trainer_args(DPOConfig, session, has_eval="eval" in splits, beta=recipe.dpo.beta,
+                                loss_type=[recipe.dpo.loss], max_length=None)  # rows already fit train.max_length
+        model, adapter = starting_point(session, sft_run)
+        samples = sft.before_samples(session, model, tokenizer, splits)
+        trainer = PretokenizedDPOTrainer(model=model, args=args, train_dataset=splits["train"],
+                                         eval_dataset=splits.get("eval"), processing_class=tokenizer, peft_config=adapter)
     return sft.finish(session, trainer, samples)
 
 

@@ -18,6 +18,8 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -76,19 +78,32 @@ class Session:
 
 def run(recipe: Recipe, *, force: bool = False) -> RunDir:
     session = start(recipe, force=force)
-    tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
-    with PartialState().local_main_process_first():  # rank 0 tokenizes, the others read the datasets cache
-        splits = data.build(recipe, tokenizer, session.template)
-    packed = "position_ids" in splits["train"].column_names
-    args = trainer_args(SFTConfig, session, has_eval="eval" in splits,
-                        dataset_kwargs={"skip_prepare_dataset": True},  # our ids and labels, as they are
-                        max_length=None,  # every example already fits train.max_length
-                        padding_free=packed)  # packed rows: position ids, no attention mask, no cross-talk
-    model = load_model(session)
-    samples = before_samples(session, model, tokenizer, splits)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits.get("eval"),
-                         processing_class=tokenizer, peft_config=lora_config(recipe, session.spec))
+    with discarded_on_failure(session):
+        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
+        with PartialState().local_main_process_first():  # rank 0 tokenizes, the others read the datasets cache
+            splits = data.build(recipe, tokenizer, session.template)
+        packed = "position_ids" in splits["train"].column_names
+        args = trainer_args(SFTConfig, session, has_eval="eval" in splits,
+                            dataset_kwargs={"skip_prepare_dataset": True},  # our ids and labels, as they are
+                            max_length=None,  # every example already fits train.max_length
+                            padding_free=packed)  # packed rows: position ids, no attention mask, no cross-talk
+        model = load_model(session)
+        samples = before_samples(session, model, tokenizer, splits)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits.get("eval"),
+                             processing_class=tokenizer, peft_config=lora_config(recipe, session.spec))
     return finish(session, trainer, samples)
+
+
+@contextmanager
+def discarded_on_failure(session: Session) -> Iterator[None]:
+    """A new run that fails before its first step (a broken data line, weights that will not load) leaves no
+    directory behind: it holds only what start() just wrote. A resumed run is never touched."""
+    try:
+        yield
+    except BaseException:
+        if session.recipe.resume is None and session.launch.is_main:
+            shutil.rmtree(session.run.path, ignore_errors=True)
+        raise
 
 
 def start(recipe: Recipe, *, force: bool) -> Session:

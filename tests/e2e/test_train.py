@@ -195,3 +195,13 @@ def test_refuses_to_start_when_it_will_not_fit_without_loading_weights(tmp_path,
     assert "does not fit" in message and "--dry-run" in message and "--force" in message
     assert "Try: " in message  # the cheapest fixes, each with its new estimate
     assert not (tmp_path / "run").exists()
+
+
+def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tmp_path):
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "broken", "output": \n')
+    out = tmp_path / "run"
+    recipe = config.load("tiny_qwen2_5_lora", [f"data.path={broken}", f"output_dir={out}"])
+    with pytest.raises(UserError, match="broken.jsonl line 2"):
+        run(recipe)
+    assert not out.exists()
