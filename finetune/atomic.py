@@ -59,3 +59,21 @@ def directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def write_figure(path: Path, figure: Any, **savefig: Any) -> Path:
+    """Save a matplotlib figure whole or not at all, and close it (charts are written once, at the end of a step)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=path.suffix)
+    os.close(fd)
+    try:
+        figure.savefig(tmp, **savefig)
+        os.chmod(tmp, 0o644)  # mkstemp makes 0600
+        os.replace(tmp, path)
+    finally:
+        import matplotlib.pyplot as plt
+
+        plt.close(figure)
+        Path(tmp).unlink(missing_ok=True)
+    return path

@@ -5,12 +5,12 @@ highlighted. Everything is computed from the same cached pipeline that training 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
+from finetune import atomic
 from finetune.data.load import column
 from finetune.data.pack import pack, padding_waste
 from finetune.data.render import IGNORE, prepare
@@ -148,9 +148,4 @@ def save_length_histogram_png(report: dict[str, Any], path: Path | str) -> Path:
     ax.set_title(f"{report['count']} examples · {report['template']} template")
     ax.legend()
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}.png")
-    fig.savefig(tmp, dpi=110)
-    plt.close(fig)
-    os.replace(tmp, path)
-    return path
+    return atomic.write_figure(path, fig, dpi=110)

@@ -7,8 +7,6 @@ change (config.with_overrides), so its number is an estimate, not a rule of thum
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 from typing import Any, Optional
 
@@ -16,7 +14,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from finetune import config
+from finetune import atomic, config
 from finetune.config import Recipe
 from finetune.estimate import gpu as gpus_mod
 from finetune.estimate.gpu import GPU, GiB
@@ -170,14 +168,4 @@ def save_breakdown_png(report: dict[str, Any], path: Path) -> None:
     ax.set_title(f"{report['model']} · {report['method']} · peak {report['peak_bytes'] / GiB:.1f} GiB")
     ax.legend(fontsize=8, loc="upper left")
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=120)
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    atomic.write_figure(Path(path), fig, dpi=120)

@@ -8,8 +8,6 @@ deployed model will answer, with the reference answer next to it.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -101,15 +99,7 @@ def loss_curve(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     ax.set_ylabel("loss")
     ax.grid(alpha=0.3)
     ax.legend()
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".tmp-{path.stem}-", suffix=".png")
-    os.close(fd)
-    try:
-        fig.savefig(tmp, dpi=100, bbox_inches="tight")
-        os.replace(tmp, path)
-    finally:
-        plt.close(fig)
-        Path(tmp).unlink(missing_ok=True)
-    return path
+    return atomic.write_figure(path, fig, dpi=100, bbox_inches="tight")
 
 
 def _gib(value: Optional[float]) -> str:
