@@ -10,6 +10,7 @@
     finetune gpus [--watch N]                                                      GPUs, memory, processes
 
 Everything a recipe holds is `key=value` (OmegaConf dotlist); double-dash flags only change how a command behaves.
+Output: what you asked for (tables, reports, --json) on stdout; logs, progress and errors on stderr.
 Exit codes: 0 ok, 2 bad input (one line, no traceback), 3 the run will not fit the GPU, 130 interrupted.
 """
 
@@ -33,8 +34,11 @@ from rich.logging import RichHandler
 from finetune import config
 from finetune.errors import UserError, did_you_mean
 
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+"""What the user asked for — a listing, a table, a report, an answer — is the command's output: stdout, so
+`finetune list recipes | grep qwen` works. With --json, stdout holds that one JSON object and nothing else."""
 err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-"""Logs and tables go to stderr; stdout carries only what a machine reads (--json), so pipes stay clean."""
+"""Logs, progress, warnings and errors: stderr."""
 
 
 def _split(args: list[str]) -> tuple[list[str], list[str]]:
@@ -108,7 +112,7 @@ def cmd_train(args: list[str]) -> int:
 
     run = train.run(recipe, force=flags.force)
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate/torchrun every rank returns here
-        err.print(f"[bold green]done[/] — run directory: {run.path}")
+        out.print(f"[bold green]done[/] — run directory: {run.path}")
     return 0
 
 
@@ -127,7 +131,7 @@ def _estimate(recipe: config.Recipe, *, as_json: bool, png: Optional[str]) -> in
     if as_json:
         print(json.dumps(result, default=str))
     else:
-        err.print(report.render_estimate(result))
+        out.print(report.render_estimate(result))
     if png:
         report.save_breakdown_png(result, Path(png))
         err.print(f"breakdown chart: {png}")
@@ -162,7 +166,7 @@ def cmd_data(args: list[str]) -> int:
     if flags.json:
         print(json.dumps(result, default=str, ensure_ascii=False))
     else:
-        err.print(data.render_inspect(result, tokenizer))
+        out.print(data.render_inspect(result, tokenizer))
     if flags.png:
         data.save_length_histogram_png(result, Path(flags.png))
         err.print(f"length histogram: {flags.png}")
@@ -194,7 +198,7 @@ def cmd_export(args: list[str]) -> int:
 
     result = pipeline.export(Path(options.run), options.to, quant=options.quant, verify=options.verify,
                              force=flags.force, name=options.name)
-    err.print(result.summary())
+    out.print(result.summary())
     return 0
 
 
@@ -208,8 +212,9 @@ def cmd_convert(args: list[str]) -> int:
     dst = Path(flags.dst)
     if dst.exists():
         raise UserError(f"{dst} already exists; converting never overwrites, choose a new directory")
-    out = convert_checkpoint(Path(flags.src), dst, progress=True)
-    err.print(f"[bold green]converted[/] → {out} (load it with AutoModelForCausalLM.from_pretrained, no remote code)")
+    converted = convert_checkpoint(Path(flags.src), dst, progress=True)
+    out.print(f"[bold green]converted[/] → {converted} (load it with AutoModelForCausalLM.from_pretrained, "
+              f"no remote code)")
     return 0
 
 
@@ -221,7 +226,7 @@ def cmd_list(args: list[str]) -> int:
     if flags.json:
         print(json.dumps(rows, default=str, ensure_ascii=False))
     else:
-        err.print(listing.table(rows, title=f"finetune {flags.what}"))
+        out.print(listing.table(rows, title=f"finetune {flags.what}"))
     return 0
 
 
@@ -248,7 +253,7 @@ def cmd_recommend(args: list[str]) -> int:
     if flags.json:
         print(json.dumps(rows, default=str, ensure_ascii=False))
     else:
-        err.print(recommend.render(rows, gpu_mem))
+        out.print(recommend.render(rows, gpu_mem))
     return 0
 
 
@@ -261,9 +266,9 @@ def cmd_gpus(args: list[str]) -> int:
         print(json.dumps([g.as_dict() for g in gpu.detect()], default=str))
         return 0
     if flags.watch:
-        gpu.watch(flags.watch, err)
+        gpu.watch(flags.watch, out)
         return 0
-    err.print(gpu.format_gpus(gpu.detect()))
+    out.print(gpu.format_gpus(gpu.detect()))
     return 0
 
 

@@ -17,10 +17,12 @@ from typing import Any, Optional
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
+from finetune import shipped
 from finetune.errors import UserError, did_you_mean
 
-REPO_RECIPES = Path(__file__).resolve().parent.parent / "recipes"
-"""Shipped recipes live at the top of the repository; FINETUNE_RECIPES adds a directory of the user's own."""
+
+OmegaConf.register_resolver("sample", shipped.sample, replace=True)
+"""`data.path: ${sample:alpaca_zh_en.json}` in a recipe: a sample set inside the package, found wherever you run."""
 
 
 @dataclass
@@ -145,7 +147,7 @@ POSITIVE: tuple[str, ...] = ("train.lr", "train.micro_batch", "train.grad_accum"
 def recipe_dirs() -> list[Path]:
     """Where `recipe=NAME` is looked up: the user's FINETUNE_RECIPES first, then the shipped recipes."""
     extra = os.environ.get("FINETUNE_RECIPES")
-    return [Path(p) for p in extra.split(os.pathsep) if p] + [REPO_RECIPES] if extra else [REPO_RECIPES]
+    return [Path(p) for p in extra.split(os.pathsep) if p] + [shipped.RECIPES] if extra else [shipped.RECIPES]
 
 
 def shipped_recipes() -> dict[str, Path]:
@@ -214,6 +216,11 @@ def _schema_keys(node: Any = Recipe, prefix: str = "") -> list[str]:
 
 def _explain(exc: OmegaConfBaseException, where: str) -> UserError:
     key = getattr(exc, "full_key", None) or ""
+    inner: Optional[BaseException] = exc
+    while inner is not None and not isinstance(inner, UserError):
+        inner = inner.__cause__ or inner.__context__
+    if inner is not None:  # raised by a resolver (`${sample:...}`): our own message, not OmegaConf's wrapping
+        return UserError(f"{where}: key '{key}': {inner}")
     if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc):
         bad = key or re.search(r"Key '([^']+)'", str(exc)).group(1)  # type: ignore[union-attr]
         hint = did_you_mean(bad, _schema_keys()) or did_you_mean(bad.split(".")[-1], _schema_keys())

@@ -60,12 +60,12 @@ def main() -> None:
     from finetune.data.pack import pack, padding_waste
     from finetune.data.render import prepare
     from finetune.models import registry
-    from finetune.models.tokenizers import fixture_tokenizer_dir
+    from finetune.models.tokenizers import bundled_tokenizer_dir
 
     datasets.disable_progress_bars()
     model = next(m.name for m in registry.family(args.family).models if m.tiny)
     template = registry.spec(model).family.template
-    tokenizer = AutoTokenizer.from_pretrained(fixture_tokenizer_dir(args.family))
+    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir(args.family))
     work = Path(tempfile.mkdtemp(prefix="bench_data-"))
     data = work / "synthetic.jsonl"
     rng = random.Random(0)

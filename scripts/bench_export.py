@@ -30,7 +30,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer
 from finetune import config, rundir
 from finetune.models import native, registry
-from finetune.models.tokenizers import fixture_tokenizer_dir
+from finetune.models.tokenizers import bundled_tokenizer_dir
 
 name, work = sys.argv[1], Path(sys.argv[2])
 spec = registry.spec(name)
@@ -39,7 +39,7 @@ if not (base / "config.json").is_file():
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(native.native_config(spec), dtype=torch.bfloat16)
     model.save_pretrained(base)
-    AutoTokenizer.from_pretrained(fixture_tokenizer_dir(spec.family.name)).save_pretrained(base)
+    AutoTokenizer.from_pretrained(bundled_tokenizer_dir(spec.family.name)).save_pretrained(base)
     del model
 recipe = config.load(None, [f"model={name}", "method=lora", "lora.r=16", "train.max_length=2048", "overwrite=true"])
 run = rundir.create(recipe, work / "run")

@@ -81,8 +81,12 @@ def ensure_sdist() -> Path:
     if not sdist.is_file():
         sdist.parent.mkdir(parents=True, exist_ok=True)
         with tempfile.TemporaryDirectory(dir=sdist.parent, prefix=".tmp-download-") as tmp:
-            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:",
-                   "--no-build-isolation", "-d", tmp, f"llama-cpp-python=={VERSION}"]
+            # pip prepares an sdist's metadata even to download it, so it needs the build backend: with build
+            # isolation (pip's default) it installs scikit-build-core's wheel into a throwaway env, which works on a
+            # machine that has never built anything (`--no-build-isolation` would need it installed already).
+            # `--no-binary` names only our package: `:all:` would also build every build dependency from source.
+            cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--no-binary", "llama-cpp-python",
+                   "-d", tmp, f"llama-cpp-python=={VERSION}"]
             done = subprocess.run(cmd, capture_output=True, text=True)
             got = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
             if done.returncode != 0 or not got:

@@ -11,12 +11,10 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from functools import cache
-from pathlib import Path
 from typing import Optional
 
+from finetune import shipped
 from finetune.errors import UserError, did_you_mean
-
-CONFIG_DIR = Path(__file__).resolve().parent / "configs"
 
 LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -106,7 +104,7 @@ class ModelSpec:
 
 @cache
 def load_config(config_file: str) -> dict:
-    return json.loads((CONFIG_DIR / config_file).read_text())
+    return json.loads((shipped.MODEL_CONFIGS / config_file).read_text())
 
 
 def _v(name: str, hf: str, ms: Optional[str], **kw) -> Variant:

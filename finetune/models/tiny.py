@@ -28,7 +28,7 @@ from finetune.models import native, registry, tokenizers
 from finetune.models.convert import cache_root, code_hash
 from finetune.models.registry import ModelSpec
 
-TOKENIZER_FILES = tokenizers.FIXTURES  # the real tokenizer files of each family (tests/fixtures/tokenizers)
+TOKENIZER_FILES = tokenizers.BUNDLED  # the real tokenizer files of each family (package data)
 LAYOUTS = ("native", "original")
 STD = 0.02
 
@@ -48,7 +48,7 @@ def _spec(model_name: str, layout: str) -> ModelSpec:
 
 def _tokenizer(family: str) -> PreTrainedTokenizerBase:
     """The family's real tokenizer, built once per session from the fixture files and cached by content."""
-    return AutoTokenizer.from_pretrained(tokenizers.fixture_tokenizer_dir(family))
+    return AutoTokenizer.from_pretrained(tokenizers.bundled_tokenizer_dir(family))
 
 
 def _write_original(spec: ModelSpec, out: Path, seed: int) -> None:

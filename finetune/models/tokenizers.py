@@ -38,10 +38,11 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+from finetune import shipped
 from finetune.errors import UserError, did_you_mean
 from finetune.models import templates
 
-FIXTURES = Path(__file__).resolve().parents[2] / "tests" / "fixtures" / "tokenizers"
+BUNDLED = shipped.TOKENIZER_FILES
 CONFIG = "tokenizer_config.json"  # read for special tokens and model_max_length when the source has one
 
 QWEN_PATTERN = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -221,7 +222,7 @@ def build_tokenizer(family: str, source_dir: Path) -> PreTrainedTokenizerFast:
 
 
 def _tokenizers_root() -> Path:
-    return Path(os.environ.get("FINETUNE_TOKENIZERS") or FIXTURES)
+    return Path(os.environ.get("FINETUNE_TOKENIZERS") or BUNDLED)
 
 
 def _cache_root() -> Path:
@@ -238,8 +239,8 @@ def _code_digest() -> str:
     return h.hexdigest()
 
 
-def fixture_tokenizer_dir(family: str) -> Path:
-    """A saved tokenizer for `family` built from tests/fixtures/tokenizers (or $FINETUNE_TOKENIZERS), built once.
+def bundled_tokenizer_dir(family: str) -> Path:
+    """A saved tokenizer for `family` built from the shipped tokenizer files (or $FINETUNE_TOKENIZERS), built once.
 
     Cached under $FINETUNE_CACHE/tokenizers/<family>-<hash of inputs and code>/, written to a temporary name and
     renamed when complete, so concurrent builders never see half a directory.
@@ -276,6 +277,6 @@ def fixture_tokenizer_dir(family: str) -> Path:
 
 
 @cache
-def fixture_tokenizer(family: str) -> PreTrainedTokenizerFast:
+def bundled_tokenizer(family: str) -> PreTrainedTokenizerFast:
     """The fixture tokenizer, loaded once per process as a user would load it (shared: do not modify it)."""
-    return AutoTokenizer.from_pretrained(fixture_tokenizer_dir(family))
+    return AutoTokenizer.from_pretrained(bundled_tokenizer_dir(family))

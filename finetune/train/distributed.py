@@ -19,7 +19,8 @@ import torch
 from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
-from finetune.config import REPO_RECIPES, Recipe
+from finetune import shipped
+from finetune.config import Recipe
 from finetune.errors import UserError
 
 DEEPSPEED_CONFIGS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
@@ -120,7 +121,7 @@ def trainer_kwargs(recipe: Recipe, where: Launch) -> dict[str, Any]:
 
 def deepspeed_config(name: str) -> Path:
     """A shipped DeepSpeed JSON (recipes/deepspeed/); its "auto" values are filled from the recipe by the Trainer."""
-    path = REPO_RECIPES / "deepspeed" / DEEPSPEED_CONFIGS[name]
+    path = shipped.RECIPES / "deepspeed" / DEEPSPEED_CONFIGS[name]
     if not path.is_file():
         raise UserError(f"DeepSpeed config {path} is missing; reinstall finetune or pass distributed=ddp")
     return path

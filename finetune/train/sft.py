@@ -220,7 +220,27 @@ def load_model(session: Session, path: Optional[Path] = None) -> torch.nn.Module
     # No peft.prepare_model_for_kbit_training for QLoRA: it casts embeddings, lm_head and norms (and with them the
     # residual stream) to fp32, ~4 GiB more for a 7B with a 152k vocabulary. TRL's SFTTrainer already enables input
     # gradients for checkpointing and keeps the adapters in bf16, as the QLoRA paper and torchtune do.
-    return AutoModelForCausalLM.from_pretrained(path or session.model.path, **kwargs)
+    model = AutoModelForCausalLM.from_pretrained(path or session.model.path, **kwargs)
+    if recipe.method == "qlora" and recipe.quant.bits == 4 and where.use_cpu:
+        check_cpu_4bit_widths(model)
+    return model
+
+
+CPU_4BIT_BLOCK = 32
+"""bitsandbytes' CPU 4-bit kernels (used on CPUs with AVX512-bf16/AMX) repack each weight in blocks of 32 output
+rows (`bitsandbytes.functional._convert_weight_packed_for_cpu`, block_n=32) and assert when a width is not a
+multiple: on such a CPU the first sample generation would die with "N must be divisible by block_n"."""
+
+
+def check_cpu_4bit_widths(model: torch.nn.Module) -> None:
+    """One clear message instead of bitsandbytes' assertion, on every CPU (not only the ones that would fail)."""
+    odd = [(name, module.out_features) for name, module in model.named_modules()
+           if type(module).__name__ == "Linear4bit" and module.out_features % CPU_4BIT_BLOCK]
+    if odd:
+        name, width = odd[0]
+        raise UserError(f"QLoRA on CPU: layer {name} is {width} wide, and bitsandbytes' CPU 4-bit kernels need "
+                        f"widths that are multiples of {CPU_4BIT_BLOCK} ({len(odd)} layer(s) are not); train this "
+                        f"model with method=lora on CPU, or QLoRA on a GPU")
 
 
 def lora_config(recipe: Recipe, spec: Optional[ModelSpec]) -> Optional[LoraConfig]:

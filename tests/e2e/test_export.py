@@ -225,14 +225,14 @@ def test_awq_export_is_compressed_tensors_with_perplexity_report_and_vllm_lines(
     from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
     from finetune.export import awq
-    from finetune.models.tokenizers import fixture_tokenizer_dir
+    from finetune.models.tokenizers import bundled_tokenizer_dir
 
     base = tmp_path / "base"
     cfg = AutoConfig.for_model(**{**registry.spec("tiny_qwen2_5").original_config, "hidden_size": 128,
                                   "intermediate_size": 256})
     torch.manual_seed(0)
     AutoModelForCausalLM.from_config(cfg).save_pretrained(base)
-    AutoTokenizer.from_pretrained(fixture_tokenizer_dir("qwen2_5")).save_pretrained(base)
+    AutoTokenizer.from_pretrained(bundled_tokenizer_dir("qwen2_5")).save_pretrained(base)
     data = Path(__file__).resolve().parents[2] / "data" / "messages_system.jsonl"
     recipe = config.load(None, ["model=tiny_qwen2_5", "method=lora", f"data.path={data}", "train.max_length=256",
                                 "train.precision=fp32"])

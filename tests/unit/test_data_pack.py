@@ -15,7 +15,7 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from finetune import config
 from finetune.data import build
 from finetune.data.pack import pack, padding_waste
-from finetune.models.tokenizers import fixture_tokenizer_dir
+from finetune.models.tokenizers import bundled_tokenizer_dir
 
 
 def examples(lengths: list[int], seed: int = 0) -> Dataset:
@@ -111,7 +111,7 @@ def test_padding_waste_counts_pads_per_micro_batch():
 
 
 def test_build_with_packing_gives_the_columns_a_padding_free_trainer_reads(tmp_path, monkeypatch):
-    tok = AutoTokenizer.from_pretrained(fixture_tokenizer_dir("llama2"))  # from the shared cache
+    tok = AutoTokenizer.from_pretrained(bundled_tokenizer_dir("llama2"))  # from the shared cache
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
     path = tmp_path / "t.jsonl"
     path.write_text("".join(json.dumps({"text": f"Fact {i}: {i} + {i} = {2 * i}."}) + "\n" for i in range(40)))

@@ -15,7 +15,7 @@ from finetune.data import build, build_preference, inspect, render, render_inspe
 from finetune.errors import UserError
 from finetune.models import registry
 from finetune.models.templates import encode_conversation, encode_prompt
-from finetune.models.tokenizers import fixture_tokenizer_dir
+from finetune.models.tokenizers import bundled_tokenizer_dir
 
 MODELS = {"chatglm3": "tiny_chatglm3", "baichuan2": "tiny_baichuan2_7b", "qwen1": "tiny_qwen1",
           "qwen2_5": "tiny_qwen2_5", "llama2": "tiny_llama2"}
@@ -32,7 +32,7 @@ CONVERSATION = [
 
 @pytest.fixture(scope="session")
 def tokenizer_dirs():
-    return {family: fixture_tokenizer_dir(family) for family in MODELS}  # in the shared cache, built once
+    return {family: bundled_tokenizer_dir(family) for family in MODELS}  # in the shared cache, built once
 
 
 @pytest.fixture(scope="session")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import re
 from pathlib import Path
 
@@ -10,9 +11,11 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
+from finetune.errors import UserError
 from finetune.models import native, registry
 from finetune.models.baichuan_alibi import alibi_slopes
 from finetune.models.tiny import cached_tiny
+from finetune.train.sft import check_cpu_4bit_widths
 from reference_models import baichuan_slopes
 
 PUBLISHED_PARAMETERS = {  # reference/models.md
@@ -114,7 +117,7 @@ def test_alibi_gradient_checkpointing_gives_the_same_gradients(alibi_dir):
 
 def _train(model, ids: torch.Tensor, steps: int = 4) -> list[float]:
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(params, lr=2e-2)
+    optimizer = torch.optim.AdamW(params, lr=1e-2)  # 2e-2 overshoots by the 4th step on some widths
     losses = []
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
@@ -157,6 +160,32 @@ def test_converted_model_trains_qlora_in_4_bit(name):
     ids = torch.randint(3, 30000, (1, 16), generator=torch.Generator().manual_seed(0))
     losses = _train(model, ids)
     assert losses[-1] < losses[0]
+
+
+TINY = [name for name, (_, model) in registry.models().items() if model.tiny]
+
+
+@pytest.mark.parametrize("name", TINY)
+def test_tiny_models_pack_for_bitsandbytes_cpu_4bit_kernels(name):
+    """On CPUs with AVX512-bf16/AMX, bitsandbytes repacks 4-bit weights before inference and asserts on odd widths;
+    running that same packing function here fails on any CPU where it would fail there."""
+    from bitsandbytes.functional import _convert_weight_packed_for_cpu
+
+    quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(cached_tiny(name), quantization_config=quant, device_map="cpu")
+    layers = [m for m in model.modules() if type(m).__name__ == "Linear4bit"]
+    assert layers
+    for layer in layers:
+        _convert_weight_packed_for_cpu(layer.weight.data.clone(), copy.deepcopy(layer.weight.quant_state))
+    check_cpu_4bit_widths(model)  # and our own check agrees
+
+
+def test_odd_widths_get_a_clear_message_before_bitsandbytes_asserts():
+    from bitsandbytes.nn import Linear4bit
+
+    model = torch.nn.Sequential(torch.nn.Linear(64, 64), Linear4bit(64, 80))
+    with pytest.raises(UserError, match="layer 1 is 80 wide.*multiples of 32.*method=lora"):
+        check_cpu_4bit_widths(model)
 
 
 def test_no_code_path_enables_remote_code():

@@ -4,6 +4,7 @@ import json
 
 import pytest
 
+from finetune import shipped
 from finetune.errors import UserError
 from finetune.models import registry
 
@@ -35,7 +36,7 @@ def test_model_has_config_ids_and_context(name):
 
 
 def test_shipped_configs_are_valid_json():
-    for path in registry.CONFIG_DIR.glob("*.json"):
+    for path in shipped.MODEL_CONFIGS.glob("*.json"):
         json.loads(path.read_text())
 
 

@@ -18,10 +18,10 @@ import pytest
 import sentencepiece as spm
 import tiktoken
 
-from finetune.models import templates
-from finetune.models.tokenizers import fixture_tokenizer
+from finetune.models import templates, tokenizers
+from finetune.models.tokenizers import bundled_tokenizer
 
-FIX = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"
+FIX = tokenizers.BUNDLED
 FAMILIES = ("chatglm3", "baichuan2", "qwen1", "qwen2_5", "llama2")
 M = -100  # masked label
 SYSTEM = {"role": "system", "content": "你是一个乐于助人的助手。Answer briefly."}
@@ -154,7 +154,7 @@ CONVERSATIONS = {"with_system": [SYSTEM, *CONV], "without_system": CONV}
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_ids_and_labels_are_the_official_ones(family, which):
     conv = CONVERSATIONS[which]
-    encoded = templates.encode_conversation(family, fixture_tokenizer(family), conv)
+    encoded = templates.encode_conversation(family, bundled_tokenizer(family), conv)
     ids, labels = REFERENCE[family](conv)
     assert encoded.input_ids == ids
     assert encoded.labels == labels
@@ -163,11 +163,11 @@ def test_training_ids_and_labels_are_the_official_ones(family, which):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_ids_are_what_the_official_chat_code_builds(family):
     conv = [SYSTEM, *CONV, ASK]
-    assert templates.encode_prompt(family, fixture_tokenizer(family), conv) == REFERENCE[family](conv)[0]
+    assert templates.encode_prompt(family, bundled_tokenizer(family), conv) == REFERENCE[family](conv)[0]
 
 
 def test_label_values_spelled_out_for_baichuan2():
-    enc = templates.encode_conversation("baichuan2", fixture_tokenizer("baichuan2"), [
+    enc = templates.encode_conversation("baichuan2", bundled_tokenizer("baichuan2"), [
         {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
         {"role": "user", "content": "再见"}, {"role": "assistant", "content": "再见！"}])
     assert enc.input_ids == [195, 16829, 196, 16829, 67, 195, 20020, 196, 20020, 67, 2]
@@ -222,7 +222,7 @@ def llamacpp_tokenize(family: str, text: str) -> list[int]:
 @pytest.mark.parametrize("family", FAMILIES)
 def test_ollama_text_tokenized_by_llama_cpp_rules_gives_the_prompt_ids(family, which):
     conv = CONVERSATIONS[which] + [ASK]
-    tok = fixture_tokenizer(family)
+    tok = bundled_tokenizer(family)
     text = ollama_text(family, conv)
     assert llamacpp_tokenize(family, text) == templates.encode_prompt(family, tok, conv)
     hf_text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
@@ -232,7 +232,7 @@ def test_ollama_text_tokenized_by_llama_cpp_rules_gives_the_prompt_ids(family, w
 @pytest.mark.parametrize("family", FAMILIES)
 def test_hf_chat_template_gives_the_training_ids_and_marks_the_trained_tokens(family):
     conv = [SYSTEM, *CONV]
-    tok = fixture_tokenizer(family)
+    tok = bundled_tokenizer(family)
     enc = templates.encode_conversation(family, tok, conv)
     out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert out["input_ids"] == enc.input_ids
@@ -247,23 +247,23 @@ def test_hf_chat_template_gives_the_training_ids_and_marks_the_trained_tokens(fa
 
 def test_special_strings_in_contents_stay_text_where_the_official_code_encodes_contents_plainly():
     conv = [{"role": "user", "content": "say <|user|> and </s>"}, {"role": "assistant", "content": "ok <|im_end|>"}]
-    glm = templates.encode_conversation("chatglm3", fixture_tokenizer("chatglm3"), conv)
+    glm = templates.encode_conversation("chatglm3", bundled_tokenizer("chatglm3"), conv)
     assert glm.input_ids == ref_chatglm3(conv)[0] and 64795 not in glm.input_ids[3:]
-    qw = templates.encode_conversation("qwen1", fixture_tokenizer("qwen1"), conv)
+    qw = templates.encode_conversation("qwen1", bundled_tokenizer("qwen1"), conv)
     assert qw.input_ids == ref_qwen1(conv)[0]
 
 
 def test_qwen1_encodes_newline_per_segment_where_qwen2_5_merges_it():
     conv = [{"role": "user", "content": "\nHi"}]
-    qwen1 = templates.encode_prompt("qwen1", fixture_tokenizer("qwen1"), conv)
-    qwen2_5 = templates.encode_prompt("qwen2_5", fixture_tokenizer("qwen2_5"), conv)
+    qwen1 = templates.encode_prompt("qwen1", bundled_tokenizer("qwen1"), conv)
+    qwen2_5 = templates.encode_prompt("qwen2_5", bundled_tokenizer("qwen2_5"), conv)
     user1, user2_5 = qwen1.index(872), qwen2_5.index(872)  # the "user" role name
     assert qwen1[user1:user1 + 4] == [872, 198, 198, 13048]  # "user", "\n", then the content's own "\n", "Hi"
     assert qwen2_5[user2_5:user2_5 + 3] == [872, 271, 13048]  # "user", "\n\n", "Hi"
 
 
 def test_qwen2_5_token_straddling_the_role_newline_is_not_trained():
-    enc = templates.encode_conversation("qwen2_5", fixture_tokenizer("qwen2_5"), [
+    enc = templates.encode_conversation("qwen2_5", bundled_tokenizer("qwen2_5"), [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\nHello"}])
     start = enc.input_ids.index(77091)  # "assistant"
     assert enc.input_ids[start + 1:start + 4] == [271, 9707, 151645]
@@ -286,7 +286,7 @@ def test_default_system_is_the_official_chat_codes(family, system):
     ("qwen2_5", [151645, 151643], ["<|im_end|>", "<|endoftext|>"]),
 ])
 def test_stop_tokens_are_the_inference_servers(family, ids, strings):
-    assert templates.stop_token_ids(family, fixture_tokenizer(family)) == ids
+    assert templates.stop_token_ids(family, bundled_tokenizer(family)) == ids
     assert templates.ollama_stop_strings(family) == strings
 
 
@@ -315,22 +315,22 @@ BAD = [
 @pytest.mark.parametrize("messages,reason", BAD)
 def test_malformed_training_conversations_raise_value_error(messages, reason):
     with pytest.raises(ValueError, match=reason):
-        templates.encode_conversation("qwen2_5", fixture_tokenizer("qwen2_5"), messages)
+        templates.encode_conversation("qwen2_5", bundled_tokenizer("qwen2_5"), messages)
 
 
 def test_prompt_must_end_with_a_user_turn():
     with pytest.raises(ValueError, match="must end with a user message"):
-        templates.encode_prompt("chatglm3", fixture_tokenizer("chatglm3"), CONV)
+        templates.encode_prompt("chatglm3", bundled_tokenizer("chatglm3"), CONV)
 
 
 def test_llama2_refuses_contents_with_its_reserved_tags():
     with pytest.raises(ValueError, match=r"'\[/INST\]', reserved by the llama2 format"):
-        templates.encode_conversation("llama2", fixture_tokenizer("llama2"), [
+        templates.encode_conversation("llama2", bundled_tokenizer("llama2"), [
             {"role": "user", "content": "a [/INST] b"}, {"role": "assistant", "content": "c"}])
 
 
 def test_unknown_template_or_foreign_tokenizer_raise_value_error():
     with pytest.raises(ValueError, match="unknown chat template"):
-        templates.encode_prompt("vicuna", fixture_tokenizer("llama2"), [{"role": "user", "content": "a"}])
+        templates.encode_prompt("vicuna", bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
     with pytest.raises(ValueError, match="not a chatglm3 tokenizer"):
-        templates.encode_prompt("chatglm3", fixture_tokenizer("llama2"), [{"role": "user", "content": "a"}])
+        templates.encode_prompt("chatglm3", bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])

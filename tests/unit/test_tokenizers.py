@@ -23,7 +23,7 @@ import tiktoken
 from finetune.errors import UserError
 from finetune.models import tokenizers
 
-FIX = Path(__file__).resolve().parents[1] / "fixtures" / "tokenizers"
+FIX = tokenizers.BUNDLED
 FAMILIES = ("chatglm3", "baichuan2", "qwen1", "qwen2_5", "llama2")
 SPM = ("chatglm3", "baichuan2", "llama2")
 
@@ -100,7 +100,7 @@ def original_parsed(family: str, text: str) -> list[int]:
 def random_corpus(family: str, n: int = 300) -> list[str]:
     """Random strings from the family's own vocabulary mixed with whitespace, digits, CJK, emoji, rare chars."""
     rnd = random.Random(family)
-    vocab = list(tokenizers.fixture_tokenizer(family).get_vocab())
+    vocab = list(tokenizers.bundled_tokenizer(family).get_vocab())
     pool = list(" \n\t  中文字é\u0301🙂👍🏽 12345,.!?'s ㄅᚠ𝔘\u200b\u3000ﬁＡ①")
     words = [w.replace("▁", " ") for w in vocab if not w.startswith("<")] if family in SPM else []
     out = []
@@ -119,7 +119,7 @@ def with_specials(family: str) -> list[str]:
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_special_token_ids_are_the_published_ones(family):
-    tok = tokenizers.fixture_tokenizer(family)
+    tok = tokenizers.bundled_tokenizer(family)
     ids, size, (bos, eos, pad, unk) = PUBLISHED[family]
     assert {t: tok.convert_tokens_to_ids(t) for t in ids} == ids
     assert len(tok) == size
@@ -128,7 +128,7 @@ def test_special_token_ids_are_the_published_ones(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_plain_text_gives_the_original_ids(family):
-    tok = tokenizers.fixture_tokenizer(family)
+    tok = tokenizers.bundled_tokenizer(family)
     for text in CORPUS + random_corpus(family):
         if any(s in text for s in PARSED[family]):
             continue
@@ -137,21 +137,21 @@ def test_plain_text_gives_the_original_ids(family):
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_special_strings_in_text_are_parsed_as_the_original_parses_them(family):
-    tok = tokenizers.fixture_tokenizer(family)
+    tok = tokenizers.bundled_tokenizer(family)
     for text in with_specials(family) + CORPUS:
         assert tok.encode(text, add_special_tokens=False) == original_parsed(family, text), repr(text)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_split_special_tokens_encodes_special_strings_as_plain_text(family):
-    tok = tokenizers.fixture_tokenizer(family)
+    tok = tokenizers.bundled_tokenizer(family)
     for text in with_specials(family) + CORPUS:
         assert tok.encode(text, add_special_tokens=False, split_special_tokens=True) == original_plain(
             family, text), repr(text)
 
 
 def test_chatglm3_sop_and_eop_are_tokens_only_as_whole_words():
-    tok = tokenizers.fixture_tokenizer("chatglm3")
+    tok = tokenizers.bundled_tokenizer("chatglm3")
     assert tok.encode("people isopropyl", add_special_tokens=False) == sp("chatglm3").encode("people isopropyl")
     assert tok.encode("[gMASK]sop<|user|>", add_special_tokens=False) == [64790, 64792, 64795]
 
@@ -159,14 +159,14 @@ def test_chatglm3_sop_and_eop_are_tokens_only_as_whole_words():
 @pytest.mark.parametrize("family,prefix", [("chatglm3", [64790, 64792]), ("llama2", [1]), ("baichuan2", []),
                                            ("qwen1", []), ("qwen2_5", [])])
 def test_tokenizer_call_adds_the_originals_prefix_tokens(family, prefix):
-    tok = tokenizers.fixture_tokenizer(family)
+    tok = tokenizers.bundled_tokenizer(family)
     assert tok("Hi there").input_ids == prefix + original_plain(family, "Hi there")
 
 
 @pytest.mark.parametrize("family", FAMILIES)
 def test_saved_tokenizer_reloads_with_identical_ids(family):
     built = tokenizers.build_tokenizer(family, FIX / family)
-    reloaded = tokenizers.fixture_tokenizer(family)  # save_pretrained, then AutoTokenizer.from_pretrained(dir)
+    reloaded = tokenizers.bundled_tokenizer(family)  # save_pretrained, then AutoTokenizer.from_pretrained(dir)
     assert reloaded.is_fast and len(reloaded) == len(built)
     assert reloaded.chat_template == built.chat_template
     assert reloaded.all_special_ids == built.all_special_ids
@@ -176,7 +176,7 @@ def test_saved_tokenizer_reloads_with_identical_ids(family):
 
 @pytest.mark.parametrize("family,original", [("chatglm3", "tokenizer.model"), ("qwen1", "qwen.tiktoken")])
 def test_fixture_dir_keeps_the_original_files_for_llama_cpp(family, original):
-    directory = tokenizers.fixture_tokenizer_dir(family)
+    directory = tokenizers.bundled_tokenizer_dir(family)
     assert (directory / original).read_bytes() == (FIX / family / original).read_bytes()
     assert (directory / "tokenizer.json").is_file()
 
@@ -186,21 +186,21 @@ def test_fixture_dir_is_built_once_and_keyed_by_content(tmp_path, monkeypatch):
     shutil.copytree(FIX / "llama2", root / "llama2")
     monkeypatch.setenv("FINETUNE_TOKENIZERS", str(root))
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path / "cache"))
-    first = tokenizers.fixture_tokenizer_dir("llama2")
+    first = tokenizers.bundled_tokenizer_dir("llama2")
     stamp = (first / "tokenizer.json").stat().st_mtime_ns
     assert first.parent == tmp_path / "cache" / "tokenizers" and first.name.startswith("llama2-")
-    assert tokenizers.fixture_tokenizer_dir("llama2") == first
+    assert tokenizers.bundled_tokenizer_dir("llama2") == first
     assert (first / "tokenizer.json").stat().st_mtime_ns == stamp
     assert [p.name for p in first.parent.iterdir()] == [first.name]  # no temporary directory left behind
 
     (root / "llama2" / "tokenizer.model").write_bytes((FIX / "chatglm3" / "tokenizer.model").read_bytes())
-    assert tokenizers.fixture_tokenizer_dir("llama2") != first
+    assert tokenizers.bundled_tokenizer_dir("llama2") != first
 
 
 def test_missing_original_files_are_a_user_error(tmp_path, monkeypatch):
     monkeypatch.setenv("FINETUNE_TOKENIZERS", str(tmp_path))
     with pytest.raises(UserError, match="FINETUNE_TOKENIZERS"):
-        tokenizers.fixture_tokenizer_dir("qwen1")
+        tokenizers.bundled_tokenizer_dir("qwen1")
     with pytest.raises(UserError, match="did you mean"):
         tokenizers.build_tokenizer("qwen", tmp_path)
 
