@@ -17,14 +17,18 @@ step() { printf '\n== %s\n' "$*" >&2; }
 started=$SECONDS
 
 step "wheel from the checkout"
-"$PYTHON" -m pip wheel -q --no-deps --no-build-isolation -w "$WORK/dist" "$REPO" 2>/dev/null \
-  || "$PYTHON" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO"
+"$PYTHON" -m pip wheel -q --no-deps -w "$WORK/dist" "$REPO"  # build isolation, as `pip install .` does
 WHEEL=$(ls "$WORK"/dist/finetune-*.whl)
-for member in finetune/recipes/qwen7b_qlora.yaml finetune/recipes/base/lora.yaml finetune/recipes/deepspeed/zero3.json \
-    finetune/recipes/accelerate/fsdp.yaml finetune/models/configs/qwen2_5_7b.json \
-    finetune/models/tokenizer_files/qwen2_5/tokenizer.json finetune/samples/messages_system.jsonl; do
-  "$PYTHON" -m zipfile -l "$WHEEL" | grep -q " *$member " || { echo "FAIL: $member is not in $WHEEL" >&2; exit 1; }
-done
+"$PYTHON" - "$WHEEL" <<'EOF'
+import sys, zipfile
+names = set(zipfile.ZipFile(sys.argv[1]).namelist())
+needed = ["finetune/recipes/qwen7b_qlora.yaml", "finetune/recipes/base/lora.yaml", "finetune/recipes/deepspeed/zero3.json",
+          "finetune/recipes/accelerate/fsdp.yaml", "finetune/models/configs/qwen2_5_7b.json",
+          "finetune/models/tokenizer_files/qwen2_5/tokenizer.json", "finetune/models/tokenizer_files/llama2/tokenizer.model",
+          "finetune/samples/messages_system.jsonl"]
+missing = [n for n in needed if n not in names]
+sys.exit(f"FAIL: not in the wheel: {missing}" if missing else 0)
+EOF
 echo "$(basename "$WHEEL"): recipes, DeepSpeed/accelerate configs, model configs, tokenizers and samples inside" >&2
 
 step "new venv: torch CPU first, then the wheel with its core dependencies only"
