@@ -2,7 +2,7 @@
 
 Every answer is computed or looked up from the small tables below, so each one is correct by construction:
 arithmetic, unit conversions, translations, capitals and short facts, in Chinese and English.
-Usage: python data/make_samples.py
+Usage: python scripts/make_samples.py
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ import json
 import random
 from pathlib import Path
 
-HERE = Path(__file__).resolve().parent
+OUT = Path(__file__).resolve().parents[1] / "finetune" / "samples"  # data/ in the repo links here
 
 CAPITALS = [  # (country, capital, 国家, 首都)
     ("France", "Paris", "法国", "巴黎"), ("Japan", "Tokyo", "日本", "东京"), ("Germany", "Berlin", "德国", "柏林"),
@@ -233,14 +233,14 @@ def text(rng: random.Random) -> list[dict]:
 
 
 def write_jsonl(name: str, rows: list[dict]) -> None:
-    with (HERE / name).open("w", encoding="utf-8") as handle:
+    with (OUT / name).open("w", encoding="utf-8") as handle:
         for row in rows:
             handle.write(json.dumps(row, ensure_ascii=False) + "\n")
 
 
 def main() -> None:
     rng = random.Random(20240501)
-    (HERE / "alpaca_zh_en.json").write_text(json.dumps(alpaca(rng, 120), ensure_ascii=False, indent=1) + "\n",
+    (OUT / "alpaca_zh_en.json").write_text(json.dumps(alpaca(rng, 120), ensure_ascii=False, indent=1) + "\n",
                                             encoding="utf-8")
     write_jsonl("sharegpt_multiturn.jsonl", sharegpt(rng, 60))
     write_jsonl("messages_system.jsonl", messages(rng, 72))
