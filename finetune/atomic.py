@@ -10,7 +10,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,6 +59,29 @@ def directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def build_once(final: Path, build: Callable[[Path], Any], *, marker: str) -> Path:
+    """A cache entry made once and shared: `final` as it is when `final/marker` exists; otherwise `build(path)`
+    writes a new directory at a private temporary path, which is renamed to `final` when complete — or dropped when
+    another process finished the same entry first (entries are keyed by content, so either copy is right)."""
+    final = Path(final)
+    if (final / marker).exists():
+        return final
+    final.parent.mkdir(parents=True, exist_ok=True)
+    scratch = Path(tempfile.mkdtemp(dir=final.parent, prefix=f".tmp-{final.name}-"))
+    try:
+        built = scratch / final.name
+        build(built)
+        built.chmod(0o755)  # a cache others may read
+        try:
+            os.rename(built, final)
+        except OSError:  # `final` exists now: another process won the race
+            if not (final / marker).exists():
+                raise
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+    return final
 
 
 def write_figure(path: Path, figure: Any, **savefig: Any) -> Path:

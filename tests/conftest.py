@@ -21,6 +21,14 @@ def pytest_configure(config: pytest.Config) -> None:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Everything under tests/e2e runs the CLI or a whole pipeline in subprocesses: `-m "not e2e"` is the fast loop."""
+    e2e = REPO / "tests" / "e2e"
+    for item in items:
+        if e2e in Path(item.path).parents:
+            item.add_marker(pytest.mark.e2e)
+
+
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
             ) -> subprocess.CompletedProcess:
     """`python -m finetune ARGS` exactly as a user runs it."""
@@ -31,6 +39,20 @@ def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeou
 @pytest.fixture
 def cli():
     return run_cli
+
+
+@pytest.fixture
+def multi_turn_chat() -> list[dict]:
+    """The conversation the template tests render: a system prompt, Chinese and English, a newline inside a
+    message, two answered turns, ending with a user turn (an inference prompt)."""
+    return [
+        {"role": "system", "content": "你是一个乐于助人的助手。Answer briefly."},
+        {"role": "user", "content": "What is the capital of France?"},
+        {"role": "assistant", "content": "Paris."},
+        {"role": "user", "content": "长城有多长？\nGive a number."},
+        {"role": "assistant", "content": "About 21,196 km."},
+        {"role": "user", "content": "Thanks! And the Nile?"},
+    ]
 
 
 @pytest.fixture(scope="session")

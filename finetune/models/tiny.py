@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import tempfile
 from pathlib import Path
@@ -119,13 +118,4 @@ def cached_tiny(model_name: str, layout: str = "native") -> Path:
     """`build_tiny` once per content: $FINETUNE_CACHE/tiny/<name>-<layout>-<hash>/, appearing complete or not at all."""
     spec = _spec(model_name, layout)
     dst = cache_root() / "tiny" / f"{model_name}-{layout}-{_fingerprint(spec, layout)}"
-    if dst.is_dir():
-        return dst
-    build = dst.with_name(f".build-{dst.name}-{os.getpid()}")
-    shutil.rmtree(build, ignore_errors=True)
-    build_tiny(model_name, build, layout=layout)
-    try:
-        os.rename(build, dst)
-    except OSError:  # another process built the same model first
-        shutil.rmtree(build, ignore_errors=True)
-    return dst
+    return atomic.build_once(dst, lambda path: build_tiny(model_name, path, layout=layout), marker="config.json")

@@ -26,7 +26,6 @@ import hashlib
 import json
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -38,7 +37,7 @@ from tokenizers import AddedToken, Regex, Tokenizer, decoders, normalizers, pre_
 from tokenizers.models import BPE
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
-from finetune import shipped
+from finetune import atomic, shipped
 from finetune.errors import UserError, did_you_mean
 from finetune.models import templates
 
@@ -256,24 +255,14 @@ def bundled_tokenizer_dir(family: str) -> Path:
         h.update(name.encode() + path.read_bytes())
     if (source / CONFIG).is_file():
         h.update(CONFIG.encode() + (source / CONFIG).read_bytes())
-    final = _cache_root() / f"{family}-{h.hexdigest()[:16]}"
-    if (final / "tokenizer.json").is_file():
-        return final
-    final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{family}-", dir=final.parent))
-    tmp.chmod(0o755)  # a cache others may read, not a secret
-    try:
-        build_tokenizer(family, source).save_pretrained(tmp)
+
+    def build(path: Path) -> None:
+        build_tokenizer(family, source).save_pretrained(path)
         for name in facts.files:
-            if not (tmp / name).exists():
-                shutil.copyfile(source / name, tmp / name)
-        os.rename(tmp, final)
-    except OSError:
-        if not (final / "tokenizer.json").is_file():
-            raise
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
-    return final
+            if not (path / name).exists():
+                shutil.copyfile(source / name, path / name)
+
+    return atomic.build_once(_cache_root() / f"{family}-{h.hexdigest()[:16]}", build, marker="tokenizer.json")
 
 
 @cache

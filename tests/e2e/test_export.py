@@ -23,20 +23,10 @@ from finetune.export.llamacpp import SETUP_COMMAND
 from finetune.models import registry, templates
 from finetune.models.tiny import cached_tiny
 
-pytestmark = pytest.mark.e2e
+pytestmark = [pytest.mark.e2e, pytest.mark.llamacpp]
 
 ARCH = {"tiny_qwen2_5": "qwen2", "tiny_llama2": "llama", "tiny_chatglm3": "chatglm",
         "tiny_baichuan2_7b": "llama", "tiny_baichuan2_13b": "refact"}
-CONVERSATION = [
-    {"role": "system", "content": "你是一个乐于助人的助手。Answer briefly."},
-    {"role": "user", "content": "What is the capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-    {"role": "user", "content": "长城有多长？\nGive a number."},
-    {"role": "assistant", "content": "About 21,196 km."},
-    {"role": "user", "content": "Thanks! And the Nile?"},
-]
-
-
 def make_run(model_name: str, path: Path, *, method: str = "lora") -> rundir.RunDir:
     """A run directory as training leaves it, minus the adapter."""
     spec = registry.spec(model_name)
@@ -122,7 +112,7 @@ def test_lora_gguf_loads_on_the_base_gguf(exported, llama_cpp):
     assert len(_greedy(llm, [5, 6, 7, 8], 4)) == 4
 
 
-def test_ollama_template_tokenizes_to_the_training_prompt_ids(exported, go_render, llama_cpp):
+def test_ollama_template_tokenizes_to_the_training_prompt_ids(exported, go_render, llama_cpp, multi_turn_chat):
     """DECISIONS "Export": the Modelfile's TEMPLATE rendered by Go, tokenized by the exported GGUF in llama.cpp
     (special tokens parsed, BOS as the GGUF says) = our data pipeline's inference prompt ids, exactly."""
     from transformers import AutoTokenizer
@@ -130,11 +120,11 @@ def test_ollama_template_tokenizes_to_the_training_prompt_ids(exported, go_rende
     _, run, result = exported
     modelfile = (result.ollama / "Modelfile").read_text()
     template = re.search(r'^TEMPLATE """(.*?)"""$', modelfile, re.S | re.M).group(1)
-    text = go_render(template, CONVERSATION)
+    text = go_render(template, multi_turn_chat)
     gguf_vocab = _vocab(llama_cpp, result.ollama / result.files["model"].name)
     ids = gguf_vocab.tokenize(text.encode(), add_bos=True, special=True)
     expected = templates.encode_prompt(run.base()["template"], AutoTokenizer.from_pretrained(result.merged),
-                                       CONVERSATION)
+                                       multi_turn_chat)
     assert ids == expected
 
 

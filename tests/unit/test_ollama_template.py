@@ -15,16 +15,6 @@ from finetune.export import ollama
 from finetune.models import templates
 
 FAMILIES = ("chatglm3", "baichuan2", "qwen1", "qwen2_5", "llama2")
-CONVERSATION = [
-    {"role": "system", "content": "你是一个乐于助人的助手。Answer briefly."},
-    {"role": "user", "content": "What is the capital of France?"},
-    {"role": "assistant", "content": "Paris."},
-    {"role": "user", "content": "长城有多长？\nGive a number."},
-    {"role": "assistant", "content": "About 21,196 km."},
-    {"role": "user", "content": "Thanks!"},
-]
-
-
 def _jinja(template: str, messages: list[dict]) -> str:
     env = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
@@ -34,17 +24,17 @@ def _jinja(template: str, messages: list[dict]) -> str:
 
 
 @pytest.mark.parametrize("family", FAMILIES)
-def test_go_rendered_template_equals_the_training_chat_template(go_render, family):
-    rendered = go_render(templates.ollama_template(family), CONVERSATION)
-    expected = _jinja(family, CONVERSATION)
+def test_go_rendered_template_equals_the_training_chat_template(go_render, multi_turn_chat, family):
+    rendered = go_render(templates.ollama_template(family), multi_turn_chat)
+    expected = _jinja(family, multi_turn_chat)
     if family == "llama2":  # llama.cpp adds the first <s> itself (add_bos_token); the HF text carries it
         expected = expected.removeprefix("<s>")
     assert rendered == expected
 
 
 @pytest.mark.parametrize("family", ("qwen1", "qwen2_5"))
-def test_family_default_system_is_rendered_when_the_conversation_has_none(go_render, family):
-    rendered = go_render(templates.ollama_template(family), CONVERSATION[1:])
+def test_family_default_system_is_rendered_when_the_conversation_has_none(go_render, multi_turn_chat, family):
+    rendered = go_render(templates.ollama_template(family), multi_turn_chat[1:])
     assert rendered.startswith(f"<|im_start|>system\n{templates.default_system(family)}<|im_end|>\n")
 
 

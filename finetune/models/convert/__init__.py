@@ -12,10 +12,10 @@ import importlib
 import json
 import logging
 import os
-import shutil
 from pathlib import Path
 from typing import Optional
 
+from finetune import atomic
 from finetune.errors import UserError
 from finetune.models import native
 from finetune.models.convert import common
@@ -64,12 +64,8 @@ def convert_checkpoint(src_dir: Path, dst_dir: Optional[Path] = None, *, progres
     if (dst / "config.json").is_file():
         log.info("reusing converted checkpoint %s", dst)
         return dst
-    build = dst.with_name(f".build-{dst.name}-{os.getpid()}")
-    shutil.rmtree(build, ignore_errors=True)
-    summary = module.convert(src, build, progress=progress)
-    log.debug("converted %s", json.dumps(summary))
-    try:
-        os.rename(build, dst)
-    except OSError:  # another process finished the same conversion first
-        shutil.rmtree(build, ignore_errors=True)
-    return dst
+
+    def build(path: Path) -> None:
+        log.debug("converted %s", json.dumps(module.convert(src, path, progress=progress)))
+
+    return atomic.build_once(dst, build, marker="config.json")
