@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# The main job, end to end on CPU: set-up, then tiny model + real tokenizer → sample data → LoRA training →
-# merge → GGUF f16 + Ollama directory → one answer from llama.cpp, with a summary of where everything is.
+# The main job, end to end on CPU: set-up, then tiny model + real tokenizer → 8 identity questions → LoRA →
+# merge → GGUF f16 + Ollama directory → each question answered before training, after it (transformers) and by
+# the GGUF (llama.cpp), side by side, with a summary of the loss and of where everything is.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh

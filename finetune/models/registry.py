@@ -184,6 +184,9 @@ FAMILIES: tuple[Family, ...] = (
                 _v("base", "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B", config_overrides={"eos_token_id": 151643}),
             )),
             Model("tiny_qwen2_5", "tiny", "tiny_qwen2_5.json", (_v("instruct", "", None),), tiny=True),
+            # the demo's: weights 10x larger (initializer_range 0.2), so the frozen random lm_head can express a
+            # confident answer and the loss visibly falls (at 0.02 its logits span about ±1.3)
+            Model("tiny_qwen2_5_demo", "tiny", "tiny_qwen2_5_demo.json", (_v("instruct", "", None),), tiny=True),
         ),
     ),
     Family(
