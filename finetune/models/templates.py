@@ -6,6 +6,9 @@ or a text that the ORIGINAL code encodes in one call (ChatGLM3, Baichuan2 and Qw
 content separately; Llama-2 one string per exchange; Qwen2.5 the whole rendered text). One generic encoder turns
 parts into ids, and labels from the trained character spans (DECISIONS.md "Training labels"): a token is trained
 when it starts inside a trained span. Labels are aligned with input_ids (the model shifts).
+Speed: a conversation's texts are tokenized in one batched call, or a whole batch of conversations' texts at once
+(`tokenize`, then `encode_conversation(..., tokens=)`), and labels are set per part and trained span by slicing,
+never by a Python loop over tokens.
 The HF and Ollama templates are text, tokenized jointly: for Qwen-1 that equals make_context's ids except when a
 content starts with a newline ("\n\n" merges); special-token strings inside contents become tokens there, while
 the official code (and so encode_*) keeps them as text for chatglm3, qwen1 and llama2.
@@ -13,8 +16,9 @@ the official code (and so encode_*) keeps them as text for chatglm3, qwen1 and l
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Optional
+import bisect
+from dataclasses import dataclass, field
+from typing import Any, Callable, NamedTuple, Optional
 
 IGNORE = -100
 Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
@@ -26,9 +30,9 @@ class Encoded:
     labels: list[int]
 
 
-@dataclass(frozen=True)
-class Part:
-    """A special token (by its string), or a text encoded in ONE tokenizer call."""
+class Part(NamedTuple):
+    """A special token (by its string), or a text encoded in ONE tokenizer call. (A tuple: a batch of 100k
+    conversations makes millions of them.)"""
 
     text: str = ""
     special: Optional[str] = None
@@ -254,36 +258,106 @@ def _token_id(fmt: ChatFormat, tokenizer, token: str) -> int:
     return tid
 
 
-def _encode(fmt: ChatFormat, tokenizer, parts: list[Part]) -> Encoded:
+@dataclass
+class Tokens:
+    """What one tokenizer made of a format's texts and special tokens: ids per text, with the tokenizer's Encoding
+    (labels of texts trained only in part need token offsets), and the id of each special token. Texts are
+    tokenized many at a time (`add`): one call of the tokenizer's batch path per conversation or per batch.
+    `rendered` keeps the parts `tokenize` rendered, by conversation object (held, so its id stays its own)."""
+
+    template: str
+    tokenizer: Any
+    texts: dict[str, tuple[list[int], Any]] = field(default_factory=dict)
+    specials: dict[str, int] = field(default_factory=dict)
+    rendered: dict[int, tuple[list[Message], list[Part]]] = field(default_factory=dict)
+
+    def add(self, fmt: ChatFormat, parts: list[Part]) -> None:
+        """Tokenize, in one call, the texts of `parts` that are not known yet."""
+        texts = list(dict.fromkeys(p.text for p in parts if p.special is None and p.text not in self.texts))
+        if texts:
+            batch = self.tokenizer(texts, add_special_tokens=False, split_special_tokens=fmt.plain_contents,
+                                   return_attention_mask=False, return_token_type_ids=False)
+            self.texts.update(zip(texts, zip(batch["input_ids"], batch.encodings or [None] * len(texts))))
+
+    def special(self, fmt: ChatFormat, token: str) -> int:
+        if token not in self.specials:
+            self.specials[token] = _token_id(fmt, self.tokenizer, token)
+        return self.specials[token]
+
+
+def _starting_before(encoding: Any, position: int, text: str) -> int:
+    """How many tokens start before character `position` of `text`. Token offsets never decrease along a text, so
+    this is a binary search over a few offsets instead of a pass over every token; every token starts before the
+    text's end."""
+    if position >= len(text):
+        return len(encoding)
+    return bisect.bisect_left(range(len(encoding)), position, key=lambda i: encoding.token_to_chars(i)[0])
+
+
+def _encode(fmt: ChatFormat, tokens: Tokens, parts: list[Part]) -> Encoded:
+    tokens.add(fmt, parts)
     ids: list[int] = []
     labels: list[int] = []
     for part in parts:
         if part.special is not None:
-            ids.append(_token_id(fmt, tokenizer, part.special))
-            labels.append(_token_id(fmt, tokenizer, part.label) if part.label else ids[-1] if part.trained else IGNORE)
+            ids.append(tokens.special(fmt, part.special))
+            labels.append(tokens.special(fmt, part.label) if part.label else ids[-1] if part.trained else IGNORE)
             continue
-        enc = tokenizer(part.text, add_special_tokens=False, split_special_tokens=fmt.plain_contents,
-                        return_offsets_mapping=bool(part.train))
-        ids += enc["input_ids"]
-        if part.train:
-            labels += [tid if any(a <= start < b for a, b in part.train) else IGNORE
-                       for tid, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])]
-        else:
-            labels += [IGNORE] * len(enc["input_ids"])
+        text_ids, encoding = tokens.texts[part.text]
+        ids += text_ids
+        if part.train == ((0, len(part.text)),):  # every token of a text starts inside it
+            labels += text_ids
+            continue
+        if part.train and encoding is None:
+            raise TypeError(f"{type(tokens.tokenizer).__name__} is a slow tokenizer: labels need token offsets")
+        part_labels = [IGNORE] * len(text_ids)
+        for a, b in part.train:
+            start, end = _starting_before(encoding, a, part.text), _starting_before(encoding, b, part.text)
+            part_labels[start:end] = text_ids[start:end]
+        labels += part_labels
     return Encoded(ids, labels)
 
 
-def encode_conversation(template: str, tokenizer, messages: list[Message]) -> Encoded:
-    """The training encoding of a conversation that ends with an assistant answer: the official ids, and labels
-    on every answer and on the token that ends it (-100 elsewhere). Raises ValueError for a malformed one."""
+def _tokens(fmt: ChatFormat, tokenizer, tokens: Optional[Tokens]) -> Tokens:
+    if tokens is None:
+        return Tokens(fmt.name, tokenizer)
+    if tokens.template != fmt.name or tokens.tokenizer is not tokenizer:
+        raise TypeError(f"tokens= holds ids from the {tokens.template} template and its tokenizer; pass the same")
+    return tokens
+
+
+def tokenize(template: str, tokenizer, conversations: list[list[Message]]) -> Tokens:
+    """Every text of these training conversations tokenized in ONE batched call (the tokenizer's own batch path,
+    with its threads), for `encode_conversation(..., tokens=)` on the same, unchanged conversation objects.
+    Conversations the format refuses are skipped here; encode_conversation raises for them."""
     fmt = chat_format(template)
-    return _encode(fmt, tokenizer, fmt.render(*_split(fmt, messages, last="assistant")))
+    tokens = Tokens(fmt.name, tokenizer)
+    for messages in conversations:
+        try:
+            tokens.rendered[id(messages)] = (messages, fmt.render(*_split(fmt, messages, last="assistant")))
+        except ValueError:
+            continue
+    tokens.add(fmt, [part for _, parts in tokens.rendered.values() for part in parts])
+    return tokens
+
+
+def encode_conversation(template: str, tokenizer, messages: list[Message], tokens: Optional[Tokens] = None
+                        ) -> Encoded:
+    """The training encoding of a conversation that ends with an assistant answer: the official ids, and labels
+    on every answer and on the token that ends it (-100 elsewhere). Raises ValueError for a malformed one.
+    `tokens` (from `tokenize`) holds it already rendered and tokenized, batched with other conversations."""
+    fmt = chat_format(template)
+    tokens = _tokens(fmt, tokenizer, tokens)
+    held, parts = tokens.rendered.get(id(messages), (None, None))
+    if held is not messages:
+        parts = fmt.render(*_split(fmt, messages, last="assistant"))
+    return _encode(fmt, tokens, parts)
 
 
 def encode_prompt(template: str, tokenizer, messages: list[Message]) -> list[int]:
     """The inference prompt (history + last user turn + generation prompt) as the official chat code builds it."""
     fmt = chat_format(template)
-    return _encode(fmt, tokenizer, fmt.render(*_split(fmt, messages, last="user"))).input_ids
+    return _encode(fmt, Tokens(fmt.name, tokenizer), fmt.render(*_split(fmt, messages, last="user"))).input_ids
 
 
 def hf_chat_template(template: str) -> str:
