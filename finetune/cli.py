@@ -1,7 +1,7 @@
 """`finetune` on the command line: subcommands, `key=value` overrides, and the one place that maps errors to exit codes.
 
     finetune recipe=NAME [key=value ...] [--dry-run] [--force] [--print-config]   train (the default command)
-    finetune estimate recipe=NAME [key=value ...] [--json] [--png FILE]           memory estimate and verdict
+    finetune estimate recipe=NAME [key=value ...] [--json] [--compare] [--png F]   memory estimate and verdict
     finetune data recipe=NAME [preview=N] [--json] [--png FILE]                    what the trainer will see
     finetune export run=DIR to=merged|gguf|ollama|awq [quant=q4_k_m] [--force]    deploy a run
     finetune convert SRC DST                                                       original checkpoint → native
@@ -107,7 +107,7 @@ def cmd_train(args: list[str]) -> int:
         sys.stdout.write(config.to_yaml(recipe))
         return 0
     if flags.dry_run:
-        return _estimate(recipe, as_json=False, png=None)
+        return _estimate(recipe, as_json=False, png=None, compare=True)
     from finetune import train
 
     run = train.run(recipe, force=flags.force)
@@ -118,16 +118,19 @@ def cmd_train(args: list[str]) -> int:
 
 def cmd_estimate(args: list[str]) -> int:
     pairs, rest = _split(args)
-    flags = _flags("estimate", rest, _json_flag, _png_flag)
-    return _estimate(_load(pairs), as_json=flags.json, png=flags.png)
+    flags = _flags("estimate", rest, _json_flag, _png_flag, lambda p: p.add_argument(
+        "--compare", action="store_true",
+        help="also plan the recipe as most scripts run it (train.logits=full quant.upcast=true), term by term"))
+    return _estimate(_load(pairs), as_json=flags.json, png=flags.png, compare=flags.compare)
 
 
-def _estimate(recipe: config.Recipe, *, as_json: bool, png: Optional[str]) -> int:
+def _estimate(recipe: config.Recipe, *, as_json: bool, png: Optional[str], compare: bool) -> int:
+    """The estimate on stdout; the dry run always sets it against the plain stack (`compare`)."""
     from finetune.estimate import gpu, report
     from finetune.models import registry
 
     spec = _spec_for_estimate(recipe, registry)
-    result = report.estimate_report(recipe, spec, gpu.detect(), gpu_mem=recipe.gpu_mem)
+    result = report.estimate_report(recipe, spec, gpu.detect(), gpu_mem=recipe.gpu_mem, compare=compare)
     if as_json:
         print(json.dumps(result, default=str))
     else:

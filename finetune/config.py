@@ -65,6 +65,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
+    logits: str = "chunked"  # chunked: TRL's loss on [4096, 32768] tiles | full: fp32 [tokens, vocab] logits (SFT)
     logging_steps: int = 10
     eval_steps: Optional[int] = None
     save_steps: int = 200
@@ -89,6 +90,7 @@ class QuantConfig:
     type: str = "nf4"  # nf4 | fp4
     double_quant: bool = True
     compute_dtype: str = "bf16"
+    upcast: bool = False  # true: peft.prepare_model_for_kbit_training (fp32 embeddings, lm_head, norms)
 
 
 @dataclass
@@ -135,6 +137,7 @@ CHOICES: dict[str, tuple[str, ...]] = {
     "train.optimizer": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"),
     "train.scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
     "train.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
+    "train.logits": ("chunked", "full"),
     "quant.type": ("nf4", "fp4"),
     "quant.compute_dtype": ("fp32", "fp16", "bf16"),
     "dpo.loss": ("sigmoid", "ipo", "hinge"),
@@ -251,6 +254,8 @@ def _validate(recipe: Recipe, where: str) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise UserError(f"{where}: {key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if recipe.train.logits == "full" and recipe.stage != "sft":
+        raise UserError(f"{where}: train.logits=full is for stage=sft; stage={recipe.stage} scores tokens its own way")
     if recipe.quant.bits not in (4, 8):
         raise UserError(f"{where}: quant.bits={recipe.quant.bits} is not one of 4, 8")
     if recipe.model == "???":

@@ -1,26 +1,33 @@
-"""Measure the real peak GPU memory of a few training steps and set it against `finetune estimate`.
+"""Measure the real peak memory of training and set it against `finetune estimate`: on a GPU, or on a CPU at real
+widths.
 
 Weights of the real shapes filled with a constant (memory does not depend on weight values), built from the registry's
 shipped configs through `native_config` — no download. The model is prepared the way our trainer prepares it
 (weights in the recipe's precision; bitsandbytes' quantizer on the linears transformers would quantize, the
-16-bit parts left 16-bit as finetune/train/sft.py leaves them; PEFT LoRA;
-TRL's fused LM head; gradient checkpointing; the trainer's optimizer class), then a few optimizer steps run on
-random tokens of full length. One process runs every cell; each cell frees its memory, and an OOM or any other
-failure is recorded for that cell instead of ending the run.
+16-bit parts left 16-bit as finetune/train/sft.py leaves them, or fp32 with quant.upcast; PEFT LoRA; TRL's
+chunked loss, or the model's own loss on full logits with train.logits=full; gradient checkpointing; the
+trainer's optimizer class), then a few optimizer steps run on random tokens of full length. One process runs
+every cell; each cell frees its memory, and an OOM or any other failure is recorded for that cell instead of
+ending the run.
 
     python scripts/bench_memory.py --models qwen2_5_0_5b,qwen2_5_7b --methods lora,qlora --seqs 512,2048 \
         --ckpt on,off --out docs/bench_memory.md
+    python scripts/bench_memory.py --cpu --out docs/memory.md        # no GPU: every term at real widths, on CPU
     python scripts/bench_memory.py --published docs/memory.md   # no GPU needed: estimates vs published tables
 
-Measured = torch.cuda.max_memory_reserved + the CUDA context (device memory in use before the first tensor).
-Paged optimizers (paged_adamw_*) allocate their states in CUDA unified memory, which torch does not count:
-their cells compare max_memory_reserved against the estimate without the optimizer states.
+On a GPU, measured = torch.cuda.max_memory_reserved + the CUDA context (device memory in use before the first
+tensor). Paged optimizers (paged_adamw_*) allocate their states in CUDA unified memory, which torch does not count:
+their cells compare max_memory_reserved against the estimate without the optimizer states. The CPU mode is
+described in its own section below.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import copy
 import csv
+import dataclasses
 import gc
 import io
 import itertools
@@ -28,12 +35,14 @@ import os
 import sys
 import tempfile
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
-import dataclasses
-
 import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_leaves
 
 from finetune import config
 from finetune.config import Recipe
@@ -48,6 +57,13 @@ DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 def build(recipe: Recipe, spec: ModelSpec, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A random-init model prepared as training prepares it, and the optimizer the trainer would create."""
+    model = prepare(recipe, spec, device)
+    return model, _optimizer(model, recipe)
+
+
+def prepare(recipe: Recipe, spec: ModelSpec, device: str) -> torch.nn.Module:
+    """A random-init model prepared as training prepares it (finetune/train/sft.py, then TRL's SFTTrainer)."""
+    from peft import prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM
     from transformers.initialization import no_init_weights
     from trl.trainer.utils import add_fused_lm_head
@@ -63,6 +79,8 @@ def build(recipe: Recipe, spec: ModelSpec, device: str) -> tuple[torch.nn.Module
         param.data.fill_(STD)  # memory does not depend on the values: a constant is fast and keeps the loss finite
     if recipe.method == "qlora":
         _quantize(model, recipe, dtype, device)  # 16-bit parts stay 16-bit, as finetune/train/sft.py leaves them
+        if recipe.quant.upcast:  # ... unless the recipe asks for the fp32 upcast, as sft.py then does
+            prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
     if recipe.method != "full":
@@ -72,7 +90,7 @@ def build(recipe: Recipe, spec: ModelSpec, device: str) -> tuple[torch.nn.Module
         if recipe.method != "full":
             model.enable_input_require_grads()
     model.train()
-    return model, _optimizer(model, recipe)
+    return model
 
 
 def _quantize(model: torch.nn.Module, recipe: Recipe, dtype: torch.dtype, device: str) -> None:
@@ -134,11 +152,20 @@ def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
 def micro_step(model: torch.nn.Module, recipe: Recipe, device: str, gen: torch.Generator,
                scaler: torch.amp.GradScaler) -> None:
     """Forward and backward of one micro-batch of full-length random tokens, under the trainer's autocast."""
+    scaler.scale(forward_loss(model, recipe, device, gen) / recipe.train.grad_accum).backward()
+
+
+def forward_loss(model: torch.nn.Module, recipe: Recipe, device: str, gen: torch.Generator, *,
+                 mask: bool = True) -> torch.Tensor:
+    """The loss of one micro-batch, computed as the trainer computes it: TRL's chunked head, or the model's own
+    loss on materialized logits for train.logits=full (finetune/train/sft.py). `mask=False` passes no attention
+    mask: what transformers makes of an all-ones one, when fake tensors hide that it is all ones."""
     vocab = model.get_input_embeddings().weight.shape[0]
     ids = torch.randint(0, vocab, (recipe.train.micro_batch, recipe.train.max_length), generator=gen).to(device)
+    fused = recipe.train.logits == "chunked"
+    ones = {"attention_mask": torch.ones_like(ids)} if mask else {}
     with torch.autocast(device, dtype=DTYPES[recipe.train.precision], enabled=recipe.train.precision != "fp32"):
-        loss = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=ids, fused_lm_head=True).loss
-    scaler.scale(loss / recipe.train.grad_accum).backward()
+        return model(input_ids=ids, labels=ids, fused_lm_head=fused, **ones).loss
 
 
 def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, recipe: Recipe, steps: int,
@@ -157,15 +184,15 @@ def train_steps(model: torch.nn.Module, optimizer: torch.optim.Optimizer, recipe
         optimizer.zero_grad(set_to_none=True)
 
 
-def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> dict[int, int]:
-    """Storage pointer -> bytes of everything a trained model holds between steps: parameters, buffers,
-    gradients, optimizer states and bitsandbytes quantization constants (each storage once)."""
+def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> dict[int, int]:
+    """Storage -> bytes of everything a trained model holds between steps: parameters, buffers, gradients,
+    optimizer states and bitsandbytes quantization constants (each storage once; fake tensors too)."""
     found: dict[int, int] = {}
 
     def add(t: object) -> None:
         if isinstance(t, torch.Tensor) and t.device.type != "meta":
             storage = t.untyped_storage()
-            found[storage.data_ptr()] = storage.nbytes()
+            found[storage._cdata] = storage.nbytes()
         elif hasattr(t, "absmax"):  # a bitsandbytes QuantState
             for value in vars(t).values():
                 add(value)
@@ -175,7 +202,7 @@ def state_tensors(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> d
         add(p.grad)
         add(getattr(p, "quant_state", None))
         add(getattr(p, "SCB", None))
-    for state in optimizer.state.values():
+    for state in (optimizer.state.values() if optimizer else ()):
         for value in state.values():
             add(value)
     return found
@@ -251,6 +278,400 @@ def markdown(rows: list[dict], device: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+# ------------------------------------------------------------------------------ CPU mode: real widths, no GPU
+# What a step allocates depends on shapes, dtypes and lifetimes, never on the values computed. So the model is
+# built for real at its real widths (1-2 decoder layers, the real embedding and head; quantized, upcast and
+# adapted as training does), every tensor is then swapped for a fake one of the same device, shape and dtype
+# (torch's FakeTensorMode), and one forward + backward runs through the real transformers, PEFT, bitsandbytes,
+# TRL and autograd code: the same ops make and free the same tensors, minus the arithmetic (bf16 matmuls at 7B
+# widths take hours on a CPU without bf16 units). A dispatch-level tracker records every storage an op creates
+# and the moment it is freed: the allocator's view of the step. Kernels' private workspaces are not outputs of an
+# op, so they are not seen (on a GPU: cuBLAS workspaces, FlashAttention's fp32 dq accumulator) — they belong to the
+# CUDA-side terms that only the GPU benchmark measures.
+
+CPU_MODELS = ("qwen2_5_7b", "llama2_7b")
+CPU_SEQS = (512, 2048, 8192)
+CPU_LAYERS = 2
+CPU_SETTINGS = {  # name -> overrides; every one with train.logits=chunked and =full
+    "lora": ["method=lora"],
+    "qlora": ["method=qlora"],
+    "qlora upcast": ["method=qlora", "quant.upcast=true"],
+}
+CPU_COLUMNS = ("weights", "activations", "logits", "layer backward", "step peak")
+"""What the CPU mode compares: the frozen weights, what autograd saves for backward (the backbone's), the loss
+head's own bytes on top of them, the peak while backward crosses the decoder layers, and the step's peak."""
+
+
+def with_layers(name: str, layers: int, **config: int) -> ModelSpec:
+    """A registry model cut to `layers` decoder layers (and any other config change): real widths and vocabulary,
+    counted by the estimator from the same config."""
+    base = registry.spec(name)
+    return ModelSpec(base.family, base.model, dataclasses.replace(
+        base.variant, name=f"{layers}_layers", config_overrides={**base.variant.config_overrides,
+                                                                   "num_hidden_layers": layers, **config}))
+
+
+def to_fake(model: torch.nn.Module) -> FakeTensorMode:
+    """Swap every parameter, buffer and quantization constant of `model` for a fake tensor of the same device,
+    shape and dtype; the real ones are freed. Run the model under the returned mode."""
+    mode = FakeTensorMode()
+    swapped: dict[int, torch.nn.Parameter] = {}  # tied weights stay one tensor
+    for module in model.modules():
+        for name, param in list(module._parameters.items()):
+            if param is not None and id(param) not in swapped:
+                fake = torch.nn.Parameter(mode.from_tensor(param.data), requires_grad=param.requires_grad)
+                if getattr(param, "quant_state", None) is not None:
+                    fake.quant_state = _fake_state(param.quant_state, mode)
+                swapped[id(param)] = fake
+            if param is not None:
+                module._parameters[name] = swapped[id(param)]
+        for name, buffer in list(module._buffers.items()):
+            if buffer is not None:
+                module._buffers[name] = mode.from_tensor(buffer)
+    return mode
+
+
+def _fake_state(state: object, mode: FakeTensorMode) -> object:
+    """A bitsandbytes QuantState whose tensors (absmax, code, the nested state of double quantization) are fake."""
+    fake = copy.copy(state)
+    for key, value in vars(state).items():
+        if isinstance(value, torch.Tensor):
+            setattr(fake, key, mode.from_tensor(value))
+        elif hasattr(value, "absmax"):
+            setattr(fake, key, _fake_state(value, mode))
+    return fake
+
+
+class Timeline(TorchDispatchMode):
+    """Every storage the ops of a step create, in order, and when each is freed (a view or an in-place result is no
+    new memory). Phases are marked as the step reaches them; allocations inside `cpu_only()` are kept apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.events: list[tuple[int, int]] = []  # (allocation id, +bytes when made, -bytes when freed)
+        self.marks: dict[str, int] = {}  # phase -> index of its first event
+        self.cpu_only: set[int] = set()
+        self._live: dict[int, int] = {}  # StorageImpl address -> allocation id, while alive
+        self._quiet = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        inputs = {t.untyped_storage()._cdata for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
+        for t in tree_leaves(out):  # a view or an in-place result shares its input's storage: no new memory
+            if isinstance(t, torch.Tensor) and t.untyped_storage()._cdata not in inputs:
+                self._made(t.untyped_storage())
+        return out
+
+    def _made(self, storage: torch.UntypedStorage) -> None:
+        address = storage._cdata
+        if address in self._live:
+            return
+        uid, nbytes = len(self.events), storage.nbytes()
+        self._live[address] = uid
+        self.events.append((uid, nbytes))
+        if self._quiet:
+            self.cpu_only.add(uid)
+        weakref.finalize(storage, self._freed, address, uid, nbytes)
+
+    def _freed(self, address: int, uid: int, nbytes: int) -> None:
+        if self._live.get(address) == uid:
+            del self._live[address]
+        self.events.append((uid, -nbytes))
+
+    def uid(self, t: torch.Tensor) -> int | None:
+        """The allocation holding `t`, if this step made it."""
+        return self._live.get(t.untyped_storage()._cdata)
+
+    def mark(self, phase: str) -> None:
+        self.marks.setdefault(phase, len(self.events))
+
+    @contextlib.contextmanager
+    def quiet(self):
+        self._quiet += 1
+        try:
+            yield
+        finally:
+            self._quiet -= 1
+
+    def live_at(self, index: int) -> dict[int, int]:
+        """Allocation id -> bytes of what is alive when event `index` happens."""
+        live: dict[int, int] = {}
+        for uid, delta in self.events[:index]:
+            if delta > 0:
+                live[uid] = delta
+            else:
+                live.pop(uid, None)
+        return live
+
+    def phases(self, without: set[int]) -> dict[str, tuple[int, int]]:
+        """(live bytes at its mark, peak live bytes) of every phase, leaving out `without` and CPU-only storages."""
+        skip = without | self.cpu_only
+        order = sorted(self.marks.items(), key=lambda kv: kv[1])
+        bounds = {name: (start, order[i + 1][1] if i + 1 < len(order) else len(self.events))
+                  for i, (name, start) in enumerate(order)}
+        live, totals = 0, []
+        for uid, delta in self.events:
+            totals.append(live)
+            live += 0 if uid in skip else delta
+        totals.append(live)
+        return {name: (totals[start], max(totals[start:end + 1])) for name, (start, end) in bounds.items()}
+
+
+CPU_ONLY_TILE_CODE = ("_forward_tile", "_backward_tile", "_addmm_fp32")
+"""TRL's chunked loss folds each logits tile in a Triton kernel on a GPU (registers only, and an fp32-output
+addmm); without Triton, as on a CPU, torch ops do it and make fp32 copies of every [4096, 32768] tile. Those
+copies exist on a CPU only, so the timeline keeps them apart."""
+
+
+@contextlib.contextmanager
+def _tiles_cpu_only(timeline: Timeline):
+    from trl.kernels import chunked_logprob
+
+    originals = {name: getattr(chunked_logprob, name) for name in CPU_ONLY_TILE_CODE}
+
+    def quiet(fn):
+        def run(*args, **kwargs):
+            with timeline.quiet():
+                return fn(*args, **kwargs)
+        return run
+
+    for name, fn in originals.items():
+        setattr(chunked_logprob, name, quiet(fn))
+    try:
+        yield
+    finally:
+        for name, fn in originals.items():
+            setattr(chunked_logprob, name, fn)
+
+
+@contextlib.contextmanager
+def _one_sequence():
+    """Tell transformers' mask code what a real run finds in the position ids' values (which fake tensors do not
+    have): one unpacked sequence. Then SDPA runs causal without a mask, as on a GPU; eager still builds its own."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def _cuda_4bit_matmul():
+    """bitsandbytes' 4-bit forward as its CUDA backend runs a training-sized matmul (above 1536 rows always, below
+    it on many GPUs): dequantize the weight to 16 bits, then F.linear — the dequantized weight exists while the
+    output is made. Its CPU backend fuses the two, so the CPU would not show that weight; this puts it back."""
+    from bitsandbytes import functional
+    from bitsandbytes.autograd._functions import MatMul4Bit
+
+    original = MatMul4Bit.forward
+
+    def forward(ctx, A, B, out=None, bias=None, quant_state=None):
+        weight = functional.dequantize_4bit(B, quant_state).to(A.dtype) if A.numel() else None
+        result = original(ctx, A, B, out, bias, quant_state)
+        del weight
+        return result
+
+    MatMul4Bit.forward = staticmethod(forward)
+    try:
+        yield
+    finally:
+        MatMul4Bit.forward = original
+
+
+def _final_norm(model: torch.nn.Module) -> torch.nn.Module:
+    """The norm the decoder ends with: where the backbone hands over to the loss head (and back, in backward)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return base.get_decoder().norm
+
+
+def step_timeline(model: torch.nn.Module, recipe: Recipe) -> dict[str, int]:
+    """One forward + backward (micro_step, as the trainer runs it) on the timeline. Returns bytes, each without the
+    parameters' gradients (the gradients term) and CPU-only tile copies:
+      saved          what autograd holds when backward starts (the loss scalar aside)
+      loss_saved     the part of it the loss head saved
+      forward        peak while the decoder layers run forward
+      loss           peak from the final norm's output until its gradient (loss forward and backward)
+      backward       peak while backward crosses the decoder layers"""
+    timeline, loss_saved = Timeline(), set()
+    norm = _final_norm(model)
+
+    def handed_over(module, args, output):
+        timeline.mark("loss")
+        if output.requires_grad:
+            output.register_hook(lambda grad: timeline.mark("backward"))
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        uid = timeline.uid(t)
+        if uid is not None and "loss" in timeline.marks:
+            loss_saved.add(uid)
+        return t
+
+    hook = norm.register_forward_hook(handed_over)
+    try:
+        with _one_sequence(), _cuda_4bit_matmul(), timeline, _tiles_cpu_only(timeline):
+            timeline.mark("forward")
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+                loss = forward_loss(model, recipe, "cpu", torch.Generator().manual_seed(recipe.seed), mask=False)
+            timeline.mark("saved")
+            loss.backward()
+            timeline.mark("end")
+    finally:
+        hook.remove()
+    grads = {timeline.uid(p.grad) for p in model.parameters() if p.grad is not None} - {None}
+    phases = timeline.phases(grads)
+    saved_live = timeline.live_at(timeline.marks["saved"])
+    in_loss = sum(size for uid, size in saved_live.items() if uid in loss_saved)
+    return {"saved": phases["saved"][0], "loss_saved": in_loss, "forward": phases["forward"][1],
+            "loss": max(phases["loss"][1], phases["saved"][1]), "backward": phases["backward"][1]}
+
+
+@dataclass(frozen=True)
+class CpuCell:
+    model: str
+    setting: str  # a key of CPU_SETTINGS
+    logits: str
+    seq: int
+    ckpt: bool = True
+    attn: str = "sdpa"
+
+    def recipe(self) -> Recipe:
+        """The shipped base recipe of the method (LoRA r=16; QLoRA r=64 on every linear), one sequence, no
+        accumulation. LoRA dropout off: on a CPU dropout keeps a mask in the input's dtype, on a GPU a boolean."""
+        method = CPU_SETTINGS[self.setting][0].split("=")[1]
+        return config.load(f"base/{method}", [
+            f"model={self.model}", *CPU_SETTINGS[self.setting], f"train.logits={self.logits}",
+            f"train.max_length={self.seq}", f"train.gradient_checkpointing={str(self.ckpt).lower()}",
+            f"train.attn_implementation={self.attn}", "train.micro_batch=1", "train.grad_accum=1",
+            "train.precision=bf16", "quant.compute_dtype=bf16", "lora.dropout=0", "distributed=none", "num_gpus=1"])
+
+    def build_key(self) -> tuple:
+        """What the model is built with; cells that share it share one build."""
+        return self.model, self.setting, self.ckpt, self.attn
+
+
+def state_split(model: torch.nn.Module) -> tuple[int, int]:
+    """(frozen weights with buffers and quantization constants, trainable parameters) in bytes, each storage once."""
+    trainable = {p.untyped_storage()._cdata: p.untyped_storage().nbytes() for p in model.parameters()
+                 if p.requires_grad}
+    everything = state_tensors(model, None)
+    return sum(n for k, n in everything.items() if k not in trainable), sum(trainable.values())
+
+
+def estimated_terms(recipe: Recipe, spec: ModelSpec) -> dict[str, int]:
+    """The estimator's figures for what the CPU mode measures (a first step: no optimizer states, no gradients)."""
+    p = plan(recipe, spec, num_gpus=1)
+    at_loss, in_layer = p.phases["loss backward"], p.phases["layer backward"]
+    static = p.phases["load"]["weights"] + at_loss["trainable_weights"]
+    moments = [p.phases[name].get("activations", 0) + p.phases[name].get("logits", 0)
+               for name in ("forward", "loss backward", "layer backward") if name in p.phases]
+    return {"weights": p.phases["load"]["weights"], "activations": at_loss["activations"],
+            "logits": at_loss["logits"], "layer backward": in_layer["activations"], "step peak": static + max(moments)}
+
+
+def measured_terms(model: torch.nn.Module, recipe: Recipe) -> dict[str, int]:
+    """The same figures, measured on the fake model's timeline."""
+    weights, trainable = state_split(model)
+    step = step_timeline(model, recipe)
+    model.zero_grad(set_to_none=True)
+    activations = step["saved"] - step["loss_saved"]
+    return {"weights": weights, "activations": activations, "logits": step["loss"] - activations,
+            "layer backward": step["backward"],
+            "step peak": weights + trainable + max(step["forward"], step["loss"], step["backward"])}
+
+
+def cpu_cells(models: tuple[str, ...] = CPU_MODELS, seqs: tuple[int, ...] = CPU_SEQS) -> list[CpuCell]:
+    """Every setting x loss x length with checkpointing (the shipped default), the same without it, and eager
+    attention for LoRA and the upcast QLoRA."""
+    cells = [CpuCell(m, s, logits, seq, ckpt) for m in models for ckpt in (True, False) for s in CPU_SETTINGS
+             for logits in ("chunked", "full") for seq in seqs]
+    cells += [CpuCell(m, s, logits, seq, True, "eager") for m in models for s in ("lora", "qlora upcast")
+              for logits in ("chunked", "full") for seq in seqs]
+    return cells
+
+
+def run_cpu(cells: list[CpuCell], layers: int = CPU_LAYERS, **config: int) -> list[dict]:
+    """Measure every cell, building each model once per build key; rows of estimated and measured bytes."""
+    rows = []
+    for key in dict.fromkeys(cell.build_key() for cell in cells):
+        group = [cell for cell in cells if cell.build_key() == key]
+        spec = with_layers(group[0].model, layers, **config)
+        estimates = [estimated_terms(cell.recipe(), spec) for cell in group]  # outside the fake mode
+        model = prepare(group[0].recipe(), spec, "cpu")
+        with to_fake(model):
+            gc.collect()  # the real weights
+            for cell, estimated in zip(group, estimates, strict=True):
+                start = time.perf_counter()
+                rows.append({"cell": cell, "estimated": estimated, "measured": measured_terms(model, cell.recipe()),
+                             "seconds": round(time.perf_counter() - start, 1)})
+                print(cpu_row(rows[-1]), flush=True)
+        del model
+        gc.collect()
+    return rows
+
+
+def error_pct(row: dict, term: str) -> float:
+    measured = row["measured"][term]
+    return 100 * (row["estimated"][term] - measured) / measured if measured else 0.0
+
+
+def cpu_row(row: dict) -> str:
+    c = row["cell"]
+    cells = [f"{row['measured'][t] / GiB:.3f} ({error_pct(row, t):+.1f}%)" for t in CPU_COLUMNS]
+    return (f"| {c.model} | {c.setting} | {c.logits} | {c.attn} | {'on' if c.ckpt else 'off'} | {c.seq} | "
+            + " | ".join(cells) + " |")
+
+
+CPU_NOT_MEASURED = (
+    "flash_attention_2 (needs a GPU; planned as SDPA, whose kernel saves the same)",
+    "LoRA dropout > 0 (a CPU keeps a mask in the input's dtype, a GPU a boolean one)",
+    ("micro_batch > 1 with padding, packing, DPO, DoRA and full fine-tuning at real widths (checked at tiny "
+     "widths in tests/unit/test_estimate_memory.py)"),
+    "the CUDA context, allocator fragmentation, cuBLAS and FlashAttention workspaces (GPU only)",
+)
+
+
+def cpu_markdown(rows: list[dict], layers: int = CPU_LAYERS) -> str:
+    """The CPU-mode table, with what it measures and what it does not."""
+    worst = max(abs(error_pct(r, t)) for r in rows for t in CPU_COLUMNS)
+    return "\n".join([
+        "## Measured on CPU at real widths", "",
+        "Generated by `python scripts/bench_memory.py --cpu --out docs/memory.md` (no GPU; about an hour on 2 "
+        "cores, at most 6 GiB of RAM). Each model is built as training builds it, at its real hidden size, heads and "
+        f"vocabulary with {layers} decoder layers and random weights; then its tensors are swapped for fake ones "
+        "and one forward + backward runs through the real transformers, PEFT, bitsandbytes, TRL and autograd code "
+        "while a dispatch-level tracker records every storage made and freed (what autograd saves, and the peak "
+        "allocated). The estimator plans the same two-layer model. Shipped base recipes (LoRA r=16; QLoRA r=64 "
+        "nf4 on every linear), micro_batch 1, bf16, LoRA dropout 0.", "",
+        "Columns: the frozen weights; what the decoder saves for backward; the loss head's own bytes on top of "
+        "them; the peak while backward crosses the layers (or the final norm); the step's peak with the weights. "
+        f"Each cell is the measured GiB and the estimate's error. Largest error: {worst:.1f}%.", "",
+        "| model | setting | logits | attention | checkpointing | tokens | " + " | ".join(CPU_COLUMNS) + " |",
+        "|" + "---|" * (6 + len(CPU_COLUMNS)), *(cpu_row(r) for r in rows), "",
+        "Two things follow the GPU rather than the CPU, as the GPU runs them: TRL's chunked loss folds each tile in "
+        "a Triton kernel (its CPU fallback's fp32 tile copies are left out) and bitsandbytes' CUDA backend runs a "
+        "training-sized 4-bit matmul as dequantize + F.linear (the CPU fuses them; the dequantized weight is put "
+        "back). Not measured here: " + "; ".join(CPU_NOT_MEASURED) + "."]) + "\n"
+
+
+def write_section(path: Path, name: str, text: str) -> None:
+    """Replace the section `name` of a generated document (appended when missing), keeping the rest: --published
+    and --cpu each write their own part of docs/memory.md."""
+    begin, end = f"<!-- {name}: scripts/bench_memory.py -->", f"<!-- /{name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.is_file() else f"{DOC_TITLE}\n\n"
+    if begin in old and end in old:
+        new = old[:old.index(begin)] + block + old[old.index(end) + len(end):].lstrip("\n")
+    else:
+        new = old.rstrip("\n") + "\n\n" + block
+    write_atomically(path, new)
+
+
+DOC_TITLE = "# Memory estimates: measured on CPU at real widths, and against published figures"
+
+
 LLAMA_3_1_8B = {"hidden_size": 4096, "intermediate_size": 14336, "num_hidden_layers": 32,
                 "num_attention_heads": 32, "num_key_value_heads": 8, "vocab_size": 128256,
                 "rope_theta": 500000.0, "max_position_embeddings": 131072}
@@ -298,10 +719,10 @@ def published_markdown() -> str:
     """Our estimates next to the published figures of reference/memory.md (measured: within 15%; estimated
     tables of others: shown as ranges only)."""
     spec = llama_3_1_8b()
-    lines = ["# Memory estimates against published figures", "",
+    lines = ["## Against published figures", "",
              "Generated by `python scripts/bench_memory.py --published docs/memory.md` (no GPU needed). The "
-             "estimator's own measured check is `scripts/bench_memory.py` on a GPU.", "",
-             "## torchtune, MEASURED (Llama 3.1 8B, batch 2, packed to 2048, bf16)", "",
+             "estimator's own measured check on a GPU is `scripts/bench_memory.py`, still to be run.", "",
+             "### torchtune, MEASURED (Llama 3.1 8B, batch 2, packed to 2048, bf16)", "",
              "Their peak is torch's allocator figure, so ours is shown without the CUDA context "
              f"({CUDA_CONTEXT_BYTES / GiB:.2f} GiB).", "",
              "| row | measured | estimate | error | comparable | setting |", "|---|---|---|---|---|---|"]
@@ -310,7 +731,7 @@ def published_markdown() -> str:
         lines.append(f"| {row} | {measured} GiB | {est:.1f} GiB | {100 * (est - measured) / measured:+.0f}% | "
                      f"{'yes' if comparable else 'no'} | {note} |")
     lines += ["",
-              "## Others' *estimated* tables (sanity ranges, not targets)", "",
+              "### Others' *estimated* tables (sanity ranges, not targets)", "",
               "Ours: one GPU, micro_batch 1, 2048 tokens, gradient checkpointing, the shipped base recipe of "
               "each method (QLoRA: r=64, paged 8-bit AdamW; LoRA: r=16, AdamW), CUDA context included.", "",
               "| model | method | weights alone | training peak | published |", "|---|---|---|---|---|"]
@@ -337,10 +758,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, help="write a markdown table here, and a CSV beside it")
     parser.add_argument("--published", type=Path, metavar="MD",
                         help="write the estimates-vs-published-tables comparison here and stop (no GPU needed)")
+    parser.add_argument("--cpu", action="store_true",
+                        help="no GPU: measure every term on CPU at real widths (fake tensors, 2 decoder layers) for "
+                             f"{', '.join(CPU_MODELS)} at {', '.join(map(str, CPU_SEQS))} tokens (--models, --seqs "
+                             "narrow it) and write the table to --out")
     args = parser.parse_args(argv)
     if args.published:
-        write_atomically(args.published, published_markdown())
+        write_section(args.published, "published", published_markdown())
         print(args.published.read_text())
+        return 0
+    if args.cpu:
+        models = tuple(args.models.split(",")) if args.models != parser.get_default("models") else CPU_MODELS
+        seqs = tuple(map(int, args.seqs.split(","))) if args.seqs != parser.get_default("seqs") else CPU_SEQS
+        table = cpu_markdown(run_cpu(cpu_cells(models, seqs)))
+        print(table)
+        if args.out:
+            write_section(args.out, "cpu", table)
         return 0
     if not torch.cuda.is_available():
         print("bench_memory: no CUDA GPU visible to torch (torch.cuda.is_available() is False); run it on a "

@@ -4,13 +4,20 @@ The device list comes from torch when torch has CUDA (so CUDA_VISIBLE_DEVICES an
 NVML (nvidia-ml-py) otherwise. Free memory, utilisation and processes come from NVML when it is there: asking
 torch (`mem_get_info`) would create a CUDA context on every GPU (~0.5 GiB each) in every training process, so it
 is only the fallback. No driver, no GPU, no CUDA build: an empty list, and `format_gpus` says why.
+torch is imported only where it could see a GPU (a CUDA or ROCm build, with a driver for CUDA): importing it
+takes seconds, and `finetune estimate` on a machine without a GPU should not wait for it.
 """
 
 from __future__ import annotations
 
+import ast
+import importlib.util
 import os
+import sys
 import time
 from dataclasses import asdict, dataclass, field
+from functools import cache
+from pathlib import Path
 from typing import Any, Optional
 
 from rich.console import Console, RenderableType
@@ -86,12 +93,49 @@ def _nvml_details(nvml: Any, handle: Any) -> tuple[int, int, Optional[int], list
     return int(memory.total), int(memory.free), utilization, processes
 
 
-def detect() -> list[GPU]:
-    """Every GPU this process can use, in torch's numbering; [] when there is none."""
+@cache
+def _torch_build() -> dict[str, Optional[str]]:
+    """torch.version's `__version__`, `cuda` and `hip`: read from torch/version.py (plain assignments) while torch
+    is not imported, else — or when that file cannot be read — from torch itself."""
+    if "torch" not in sys.modules:
+        try:
+            folder = list(importlib.util.find_spec("torch").submodule_search_locations)[0]
+            tree = ast.parse(Path(folder, "version.py").read_text(encoding="utf-8"))
+            values = {target.id: node.value.value for node in tree.body
+                      if isinstance(node, (ast.Assign, ast.AnnAssign)) and isinstance(node.value, ast.Constant)
+                      for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+                      if isinstance(target, ast.Name)}
+            return {name: values[name] for name in ("__version__", "cuda", "hip")}
+        except (AttributeError, TypeError, IndexError, KeyError, OSError, SyntaxError):
+            pass
     import torch
 
+    return {"__version__": torch.__version__, "cuda": torch.version.cuda, "hip": torch.version.hip}
+
+
+def _torch_could_see_gpus(nvml: Any) -> bool:
+    """False when torch.cuda certainly sees nothing: a CPU-only build, or a CUDA build and no NVIDIA driver (NVML
+    comes with the driver, and CUDA cannot run without it)."""
+    build = _torch_build()
+    if build["hip"]:
+        return True
+    return bool(build["cuda"]) and (nvml is not None or importlib.util.find_spec("pynvml") is None)
+
+
+def _torch_cuda_available(nvml: Any) -> bool:
+    if not _torch_could_see_gpus(nvml):
+        return False
+    import torch
+
+    return torch.cuda.is_available()
+
+
+def detect() -> list[GPU]:
+    """Every GPU this process can use, in torch's numbering; [] when there is none."""
     nvml = _nvml()
-    if torch.cuda.is_available():
+    if _torch_cuda_available(nvml):
+        import torch
+
         gpus = []
         for i in range(torch.cuda.device_count()):
             props = torch.cuda.get_device_properties(i)
@@ -126,12 +170,11 @@ def _decode(value: Any) -> str:
 
 def why_none() -> str:
     """Why no GPU was found, in words a user can act on."""
-    import torch
-
+    build = _torch_build()
     reasons = []
-    if torch.version.cuda is None:
-        reasons.append(f"torch {torch.__version__} is a CPU-only build")
-    elif not torch.cuda.is_available():
+    if build["cuda"] is None and build["hip"] is None:
+        reasons.append(f"torch {build['__version__']} is a CPU-only build")
+    elif not _torch_cuda_available(_nvml()):
         reasons.append("torch sees no CUDA device")
     if os.environ.get("CUDA_VISIBLE_DEVICES", None) == "":
         reasons.append("CUDA_VISIBLE_DEVICES is empty")

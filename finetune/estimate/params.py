@@ -1,24 +1,29 @@
 """Exact parameter facts of a recipe's model, counted on the real (meta-device) module tree — never from formulas.
 
-The native model is built on the meta device (no memory, no download), then changed the way training changes it:
-transformers' own bitsandbytes quantizer swaps the linears it would quantize (so what stays 16-bit — embeddings,
-lm_head, norms, biases — is decided by transformers, not by us), and PEFT injects the real LoRA modules with the
-recipe's rank and targets. Everything the memory model needs is read off that tree.
+The counting itself (finetune.estimate.meta) builds the native model on the meta device and changes it as training
+does (transformers' bitsandbytes quantizer, PEFT's LoRA injection). It needs torch, transformers, PEFT and
+bitsandbytes, seconds of imports, so its result is cached on disk (finetune.estimate.cache), keyed by everything
+it depends on: the model's config, the method, the LoRA and quantization settings, those libraries' versions and
+our counting code. An estimate whose facts are cached imports none of them.
 """
 
 from __future__ import annotations
 
-import json
-import math
-from dataclasses import dataclass
-
-import torch
-from torch import nn
+from dataclasses import asdict, dataclass, fields
+from functools import cache as memo
+from importlib import metadata
+from pathlib import Path
+from typing import Any
 
 from finetune.config import Recipe
-from finetune.errors import UserError
-from finetune.models.native import meta_model, native_config
+from finetune.estimate import cache
 from finetune.models.registry import ModelSpec
+
+LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
+"""Whose behaviour decides the counts: the module trees, what the quantizer swaps, what PEFT injects."""
+COUNTING_CODE = ("estimate/params.py", "estimate/meta.py", "models/native.py", "models/baichuan_alibi.py",
+                 "models/convert/*.py")
+"""Our code that shapes the counts, relative to the package: the counting, the native classes and configs."""
 
 
 @dataclass(frozen=True)
@@ -67,155 +72,64 @@ def lora_targets(recipe: Recipe, spec: ModelSpec) -> tuple[str, ...]:
     return tuple(recipe.lora.targets) or spec.family.lora_targets
 
 
-def _quantize(model: nn.Module, bits: int, quant_type: str, double_quant: bool) -> None:
-    """Swap in bitsandbytes linears exactly where transformers' own quantizer would (it skips lm_head, tied
-    weights and the model's keep-in-fp32 modules)."""
-    from transformers import BitsAndBytesConfig
-    from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
-    from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
-
-    if bits == 4:
-        quantizer = Bnb4BitHfQuantizer(BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant))
-    else:
-        quantizer = Bnb8BitHfQuantizer(BitsAndBytesConfig(load_in_8bit=True))
-    quantizer._process_model_before_weight_loading(model, device_map=None)
-
-
-def _inject_lora(model: nn.Module, spec: ModelSpec, r: int, targets: tuple[str, ...]) -> nn.Module:
-    """PEFT's real LoRA injection. DoRA is injected as plain LoRA: its init needs real weights (a norm per row),
-    and its only extra parameter is one magnitude per output row of each adapted linear, counted by the caller.
-    An unknown target is an error here, as PEFT would raise it at training time."""
-    from peft import LoraConfig, get_peft_model
-
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise UserError(f"lora.targets: {', '.join(missing)} not found in {spec.name} (its native module names "
-                        f"include {', '.join(spec.family.lora_targets)})")
-    config = LoraConfig(r=r, target_modules=list(targets), task_type="CAUSAL_LM")
-    return get_peft_model(model, config, low_cpu_mem_usage=True)
-
-
-def _block_linears(block: nn.Module, inputs: dict[str, tuple[int, str]]) -> tuple[Linear, ...]:
-    """Linears of one decoder block, with LoRA marked: read from PEFT's wrappers when present."""
-    found = []
-    for name, module in block.named_modules():
-        if hasattr(module, "lora_A") and hasattr(module, "base_layer"):
-            base = module.get_base_layer()
-            found.append(Linear(name, base.in_features, base.out_features, True, *inputs[name]))
-        elif isinstance(module, nn.Linear) and ".base_layer" not in f".{name}" and "lora_" not in name:
-            found.append(Linear(name, module.in_features, module.out_features, False, *inputs[name]))
-    return tuple(found)
-
-
-def _block_inputs(model: nn.Module) -> dict[str, tuple[int, str]]:
-    """Which tensor each linear of the first decoder block reads, found by running the (meta) model: what
-    autograd saves depends on which linears share an input and on that input's dtype."""
-    blocks = _decoder_blocks(model)
-    norm_outputs: list[torch.Tensor] = []
-    read: dict[str, torch.Tensor] = {}  # tensors are kept alive, so identity comparisons stay valid
-    hooks = []
-    for name, module in blocks[0].named_modules():
-        if "Norm" in type(module).__name__:
-            hooks.append(module.register_forward_hook(lambda m, args, out: norm_outputs.append(out)))
-        elif isinstance(module, nn.Linear):
-            hooks.append(module.register_forward_pre_hook(
-                lambda m, args, name=name: read.__setitem__(name, args[0])))
-    with torch.no_grad():
-        model(input_ids=torch.zeros(1, 4, dtype=torch.long, device="meta"))
-    for hook in hooks:
-        hook.remove()
-
-    def from_norm(tensor: torch.Tensor) -> bool:
-        return any(tensor is out for out in norm_outputs)
-
-    groups: list[torch.Tensor] = []
-    for tensor in read.values():
-        if not any(tensor is seen for seen in groups):
-            groups.append(tensor)
-    attention = next(name for name, tensor in read.items() if from_norm(tensor)).rsplit(".", 1)[0]
-    return {name: (next(i for i, g in enumerate(groups) if g is tensor),
-                   "norm" if from_norm(tensor) else "attention" if name.rsplit(".", 1)[0] == attention else "mlp")
-            for name, tensor in read.items()}
-
-
-def _decoder_blocks(model: nn.Module) -> nn.ModuleList:
-    for module in model.modules():
-        if isinstance(module, nn.ModuleList) and len(module) and "DecoderLayer" in type(module[0]).__name__:
-            return module
-    raise TypeError(f"{type(model).__name__}: no decoder layers found")
-
-
 def facts(recipe: Recipe, spec: ModelSpec) -> ModelFacts:
-    """Exact counts and shapes for this recipe's model and method (cached: building the tree takes ~0.2 s)."""
+    """Exact counts and shapes for this recipe's model and method: from this process's memory, else from the disk
+    cache, else counted on the meta device (and cached). The key holds what the count is given — the model's config
+    and the one `settings` tuple of recipe values that shape the tree — plus the library versions and our code."""
     lora = (recipe.lora.r, lora_targets(recipe, spec), recipe.lora.dora) if recipe.method != "full" else None
     quant = (recipe.quant.bits, recipe.quant.type, recipe.quant.double_quant) if recipe.method == "qlora" else None
-    key = (spec.name, spec.variant.name, json.dumps(spec.variant.config_overrides, sort_keys=True),
-           recipe.method, lora, quant)
-    if key not in _CACHE:
-        _CACHE[key] = _facts(spec, recipe.method, lora, quant)
-    return _CACHE[key]
+    settings = (recipe.method, lora, quant)
+    model = cache.key(spec.original_config, spec.family.name, _environment())
+    entry = cache.key(model, *settings)
+    if entry not in _MEMO:
+        found = _from_json(cache.load("estimate", spec.name, entry))
+        if found is None:
+            from finetune.estimate import meta
+
+            found = meta.count(spec, model, *settings)
+            cache.store("estimate", spec.name, entry, asdict(found))
+        _MEMO[entry] = found
+    return _MEMO[entry]
 
 
-_CACHE: dict[tuple, ModelFacts] = {}
+@memo
+def _environment() -> str:
+    """The library versions and our counting code, as one hash (read once per process)."""
+    versions = []
+    for name in LIBRARIES:
+        try:
+            versions.append(f"{name}={metadata.version(name)}")
+        except metadata.PackageNotFoundError:
+            versions.append(f"{name}=none")
+    package = Path(__file__).resolve().parent.parent
+    code = sorted(path for pattern in COUNTING_CODE for path in package.glob(pattern))
+    return cache.key(versions, cache.files_digest(code))
 
 
-def _facts(spec: ModelSpec, method: str, lora: tuple | None, quant: tuple | None) -> ModelFacts:
-    """Totals come from the whole meta model; quantization and LoRA are applied to a copy cut to one decoder
-    layer (every layer is the same), whose per-layer counts are multiplied by the number of layers."""
-    model = meta_model(spec)
-    cfg = native_config(spec)
-    layers = len(_decoder_blocks(model))
-    embedding = model.get_input_embeddings().weight
-    lm_head = model.get_output_embeddings().weight
-
-    one = meta_model(spec)
-    del _decoder_blocks(one)[1:]
-    inputs = _block_inputs(one)
-    if quant:
-        _quantize(one, *quant)
-    if lora:
-        one = _inject_lora(one, spec, lora[0], lora[1])
-    block = _decoder_blocks(one)[0]
-    in_block = {id(x) for x in (*block.parameters(), *block.modules())}
-
-    def every_layer(items: list) -> list:
-        """(object, value) pairs of the one-layer model -> values for the whole model."""
-        return [v for obj, v in items for _ in range(layers if id(obj) in in_block else 1)]
-
-    quantized = every_layer([(m, (m.in_features * m.out_features, m.out_features)) for m in one.modules()
-                             if type(m).__name__ in ("Linear4bit", "Linear8bitLt")])
-    adapted = every_layer([(m, m.get_base_layer().out_features) for m in one.modules() if hasattr(m, "lora_A")])
-    trainable = every_layer([(p, tuple(p.shape)) for p in one.parameters() if p.requires_grad])
-    magnitudes = [(out,) for out in adapted] if lora and lora[2] else []  # DoRA: one per output row
-    adapter = every_layer([(p, p.numel()) for n, p in one.named_parameters() if ".lora_A." in n or ".lora_B." in n])
-    return ModelFacts(
-        params_total=sum(p.numel() for p in model.parameters()),
-        params_trainable=sum(math.prod(shape) for shape in trainable + magnitudes),
-        params_adapter=sum(adapter),
-        params_magnitude=sum(out for (out,) in magnitudes),
-        params_quantized=sum(n for n, _ in quantized),
-        quantized_numels=tuple(n for n, _ in quantized),
-        quantized_rows=sum(rows for _, rows in quantized),
-        buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
-        largest_module_params=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
-        embedding_params=embedding.numel(),
-        lm_head_params=0 if lm_head is embedding else lm_head.numel(),
-        lm_head_trainable=method == "full",
-        trainable_shapes=tuple(trainable + magnitudes),
-        layers=layers,
-        hidden=cfg.hidden_size,
-        intermediate=cfg.intermediate_size,
-        heads=cfg.num_attention_heads,
-        kv_heads=getattr(cfg, "num_key_value_heads", None) or cfg.num_attention_heads,
-        head_dim=getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads,
-        vocab=cfg.vocab_size,
-        block_linears=_block_linears(block, inputs),
-        attention_mask_per_head=cfg.model_type in PER_HEAD_MASK_MODEL_TYPES,
-    )
+_MEMO: dict[str, ModelFacts] = {}
 
 
-PER_HEAD_MASK_MODEL_TYPES = frozenset({"baichuan_alibi"})
-"""Native model types whose forward materialises an additive [batch, heads, s, s] attention mask (ALiBi): a
-per-sequence s² term no SDPA kernel avoids (finetune.models.baichuan_alibi.alibi_mask)."""
+_SCALARS = {"int": int, "bool": bool, "str": str}
+
+
+def _typed(cls: type, data: dict[str, Any], **converted: Any) -> Any:
+    """`cls(**data)` when `data` has exactly its fields and every int / bool / str field holds that type."""
+    if set(data) != {f.name for f in fields(cls)}:
+        raise KeyError(f"the fields of {cls.__name__} differ")
+    for f in fields(cls):
+        kind = _SCALARS.get(str(f.type))
+        if kind is not None and type(data[f.name]) is not kind:
+            raise TypeError(f"{cls.__name__}.{f.name} is not {kind.__name__}")
+    return cls(**{**data, **converted})
+
+
+def _from_json(data: Any) -> ModelFacts | None:
+    """ModelFacts from its cached JSON form (`asdict`), or None when the entry is not exactly that form (an older
+    layout, a damaged file): such an entry is counted again."""
+    try:
+        return _typed(ModelFacts, data,
+                      quantized_numels=tuple(int(n) for n in data["quantized_numels"]),
+                      trainable_shapes=tuple(tuple(int(d) for d in shape) for shape in data["trainable_shapes"]),
+                      block_linears=tuple(_typed(Linear, linear) for linear in data["block_linears"]))
+    except (TypeError, KeyError, ValueError, AttributeError):
+        return None

@@ -18,7 +18,7 @@ from finetune import atomic, config
 from finetune.config import Recipe
 from finetune.estimate import gpu as gpus_mod
 from finetune.estimate.gpu import GPU, GiB
-from finetune.estimate.memory import TERMS, MemoryPlan, plan
+from finetune.estimate.memory import TERMS, MemoryPlan, plan, term_basis
 from finetune.models.registry import ModelSpec
 
 
@@ -30,6 +30,10 @@ def _candidates(recipe: Recipe, n: int) -> list[tuple[list[str], str]]:
     """One-change fixes, cheapest first (what the change costs in speed, data or quality)."""
     t = recipe.train
     out: list[tuple[list[str], str]] = []
+    if t.logits == "full":
+        out.append((["train.logits=chunked"], "the same loss, computed in tiles: never all the logits at once"))
+    if recipe.method == "qlora" and recipe.quant.upcast:
+        out.append((["quant.upcast=false"], "embeddings, lm_head and norms stay 16-bit (as TRL and torchtune)"))
     if not t.gradient_checkpointing:
         out.append((["train.gradient_checkpointing=true"], "recompute activations in backward (~30% slower)"))
     if t.micro_batch > 1:
@@ -76,9 +80,23 @@ def suggestions(recipe: Recipe, spec: ModelSpec, current: MemoryPlan,
     return found
 
 
+def plain_stack(recipe: Recipe) -> list[str]:
+    """The overrides that turn a recipe into what most fine-tuning scripts run: transformers' loss on full fp32
+    logits (SFT; other stages score their own way) and peft.prepare_model_for_kbit_training's fp32 upcast."""
+    return [*(["train.logits=full"] if recipe.stage == "sft" else []), "quant.upcast=true"]
+
+
+def compare_report(recipe: Recipe, spec: ModelSpec, num_gpus: int) -> dict[str, Any]:
+    """The same recipe planned under the plain stack, term by term: why it fits here and would not elsewhere."""
+    changes = plain_stack(recipe)
+    plain = plan(config.with_overrides(recipe, changes), spec, num_gpus=num_gpus)
+    return {"peak_bytes": plain.peak_bytes, "breakdown": plain.breakdown, "peak_phase": plain.peak_phase,
+            "overrides": changes}
+
+
 def estimate_report(recipe: Recipe, spec: ModelSpec, gpus: list[GPU], *,
-                    gpu_mem: Optional[float]) -> dict[str, Any]:
-    """The estimate as one JSON-able dict: the `finetune estimate --json` object."""
+                    gpu_mem: Optional[float], compare: bool = False) -> dict[str, Any]:
+    """The estimate as one JSON-able dict: the `finetune estimate --json` object (`compare`: + the plain stack)."""
     n = recipe.num_gpus or max(1, len(gpus))
     memory = plan(recipe, spec, num_gpus=n)
     used = gpus[:n]
@@ -97,7 +115,7 @@ def estimate_report(recipe: Recipe, spec: ModelSpec, gpus: list[GPU], *,
         verdict = f"fits: {_gib(memory.peak_bytes)} of {against}, {_gib(capacity - memory.peak_bytes)} to spare"
     else:
         verdict = f"does not fit: needs {_gib(memory.peak_bytes)} per GPU, {against}"
-    return {
+    report = {
         "model": spec.name, "variant": spec.variant.name, "method": recipe.method, "stage": recipe.stage,
         "precision": recipe.train.precision, "micro_batch": recipe.train.micro_batch,
         "max_length": recipe.train.max_length, "num_gpus": memory.num_gpus, "distributed": memory.distributed,
@@ -110,7 +128,12 @@ def estimate_report(recipe: Recipe, spec: ModelSpec, gpus: list[GPU], *,
         "headroom_bytes": None if capacity is None else capacity - memory.peak_bytes, "verdict": verdict,
         "fits_on": gpus_mod.fits_on(memory.peak_bytes),
         "suggestions": [] if fits else suggestions(recipe, spec, memory, capacity),
+        "logits": recipe.train.logits, "upcast": recipe.method == "qlora" and recipe.quant.upcast,
+        "basis": term_basis(recipe),
     }
+    if compare:
+        report["compare"] = compare_report(recipe, spec, n)
+    return report
 
 
 def render_estimate(report: dict[str, Any]) -> RenderableType:
@@ -119,22 +142,18 @@ def render_estimate(report: dict[str, Any]) -> RenderableType:
              f"micro_batch {report['micro_batch']} × {report['max_length']} tokens · "
              f"{report['num_gpus']} GPU{'s' if report['num_gpus'] > 1 else ''}"
              + (f" ({report['distributed']})" if report["distributed"] != "none" else ""))
-    table = Table(title="peak, per GPU", header_style="bold", show_edge=False)
-    table.add_column("term")
-    table.add_column("GiB", justify="right")
-    for term in TERMS:
-        table.add_row(term.replace("_", " "), f"{report['breakdown'].get(term, 0) / GiB:.2f}")
-    table.add_row(Text("peak", style="bold"), Text(f"{report['peak_bytes'] / GiB:.2f}", style="bold"))
     phases = "  ".join(f"{name} {total / GiB:.1f}" for name, total in report["phases"].items())
     parts: list[RenderableType] = [
         Text.from_markup(title),
         Text(f"parameters {report['params_total']:,} · trainable {report['params_trainable']:,}"),
-        table,
+        _breakdown_table(report),
         Text(f"moments of a step (GiB): {phases} — the peak is {report['peak_phase']}", style="dim"),
         gpus_mod.format_gpus([GPU(i, g["name"], g["total_bytes"], g["free_bytes"])
                               for i, g in enumerate(report["gpus"])]),
         Text(report["verdict"], style={True: "bold green", False: "bold red", None: "bold yellow"}[report["fits"]]),
     ]
+    if "compare" in report:
+        parts.append(_compare_line(report))
     if report["fits_on"]:
         parts.append(Text(f"fits on: {', '.join(report['fits_on'])}"))
     if report["suggestions"]:
@@ -146,6 +165,32 @@ def render_estimate(report: dict[str, Any]) -> RenderableType:
                           s["why"])
         parts.append(fixes)
     return Group(*parts)
+
+
+def _breakdown_table(report: dict[str, Any]) -> Table:
+    """One row per term: ours, the plain stack's (when compared), and what the figure rests on."""
+    compare = report.get("compare")
+    ours = f"ours ({report['logits']} logits{', fp32 upcast' if report['upcast'] else ''})"
+    table = Table(title="peak, per GPU (GiB)", header_style="bold", show_edge=False)
+    for column in ("term", ours if compare else "GiB", *(["plain stack"] if compare else []), "basis"):
+        table.add_column(column, justify="left" if column in ("term", "basis") else "right")
+    for term in TERMS:
+        theirs = [f"{compare['breakdown'].get(term, 0) / GiB:.2f}"] if compare else []
+        table.add_row(term.replace("_", " "), f"{report['breakdown'].get(term, 0) / GiB:.2f}", *theirs,
+                      Text(report["basis"][term], style="dim"))
+    theirs = [Text(f"{compare['peak_bytes'] / GiB:.2f}", style="bold")] if compare else []
+    table.add_row(Text("peak", style="bold"), Text(f"{report['peak_bytes'] / GiB:.2f}", style="bold"), *theirs, "")
+    return table
+
+
+def _compare_line(report: dict[str, Any]) -> Text:
+    compare = report["compare"]
+    more = compare["peak_bytes"] - report["peak_bytes"]
+    how = [*(["transformers' loss on fp32 logits"] if "train.logits=full" in compare["overrides"] else []),
+           *(["peft.prepare_model_for_kbit_training"] if report["method"] == "qlora" else [])]
+    detail = f" ({', '.join(how)})" if how else ""
+    return Text(f"plain stack = this recipe with {' '.join(compare['overrides'])}{detail}, as most scripts run it: "
+                f"{_gib(compare['peak_bytes'])}, {'+' if more >= 0 else '-'}{_gib(abs(more))} against ours")
 
 
 def save_breakdown_png(report: dict[str, Any], path: Path) -> None:

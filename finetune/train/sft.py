@@ -4,9 +4,10 @@
       start()          ranks, the memory estimate (refuses before any weight is read), the model's local
                        directory, the run directory (new, or the one being resumed), base.json, estimate.json
       load_model()     full: weights in train.precision; lora: 16-bit frozen base; qlora: bitsandbytes 4-bit
-                       (nf4/fp4, double quant, compute dtype); 16-bit parts stay 16-bit
+                       (nf4/fp4, double quant, compute dtype); 16-bit parts stay 16-bit (fp32 with quant.upcast)
       data.build()     our token ids and labels; TRL's collator passes the labels through unchanged
-      SFTTrainer       PEFT adapter (r/alpha/dropout/targets/DoRA) created by TRL, our callbacks
+      SFTTrainer       PEFT adapter (r/alpha/dropout/targets/DoRA) created by TRL, our callbacks; the loss is
+                       TRL's chunked one, or transformers' on full logits (train.logits=full)
       finish()         train (or resume), evaluate, save adapter or full model + tokenizer, summary, report.md
 
 `python -m finetune recipe=X` runs one process; `accelerate launch -m finetune recipe=X` (or torchrun) runs the
@@ -26,9 +27,9 @@ from typing import Any, Optional
 
 import torch
 from accelerate import PartialState
-from peft import LoraConfig
+from peft import LoraConfig, prepare_model_for_kbit_training
 from rich.console import Console
-from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, set_seed
+from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, Trainer, set_seed
 from transformers.trainer_callback import ProgressCallback
 from trl import SFTConfig, SFTTrainer
 
@@ -89,8 +90,9 @@ def run(recipe: Recipe, *, force: bool = False) -> RunDir:
                             padding_free=packed)  # packed rows: position ids, no attention mask, no cross-talk
         model = load_model(session)
         samples = before_samples(session, model, tokenizer, splits)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=splits["train"], eval_dataset=splits.get("eval"),
-                             processing_class=tokenizer, peft_config=lora_config(recipe, session.spec))
+        trainer = trainer_class(recipe)(model=model, args=args, train_dataset=splits["train"],
+                                        eval_dataset=splits.get("eval"), processing_class=tokenizer,
+                                        peft_config=lora_config(recipe, session.spec))
     return finish(session, trainer, samples)
 
 
@@ -217,13 +219,43 @@ def load_model(session: Session, path: Optional[Path] = None) -> torch.nn.Module
         # fp16 mixed precision needs fp32 master weights (its gradient scaler refuses fp16 ones)
         kwargs["dtype"] = torch.float32 if recipe.train.precision == "fp16" and recipe.method == "full" \
             else DTYPES[recipe.train.precision]
-    # No peft.prepare_model_for_kbit_training for QLoRA: it casts embeddings, lm_head and norms (and with them the
-    # residual stream) to fp32, ~4 GiB more for a 7B with a 152k vocabulary. TRL's SFTTrainer already enables input
-    # gradients for checkpointing and keeps the adapters in bf16, as the QLoRA paper and torchtune do.
     model = AutoModelForCausalLM.from_pretrained(path or session.model.path, **kwargs)
     if recipe.method == "qlora" and recipe.quant.bits == 4 and where.use_cpu:
         check_cpu_4bit_widths(model)
+    if recipe.method == "qlora" and recipe.quant.upcast:
+        # What LLaMA-Factory and the Qwen / ChatGLM QLoRA scripts do: embeddings, lm_head and norms (and with them the
+        # residual stream) in fp32, ~4 GiB more for a 7B with a 152k vocabulary. Off by default: TRL already enables
+        # input gradients for checkpointing and keeps the adapters in bf16, as the QLoRA paper and torchtune do. The
+        # trainer enables checkpointing itself, with the recipe's setting.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+class FullLogitsSFTTrainer(SFTTrainer):
+    """train.logits=full: the loss as transformers' Trainer computes it, the model's own ForCausalLMLoss over the
+    materialized [tokens, vocab] logits upcast to fp32 — the stack most scripts run, so a user can reproduce (or
+    compare) their memory. TRL's fused head, which never builds those logits, is the default; its entropy and token
+    accuracy metrics are not logged here, since they come from that head."""
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        inputs["use_cache"] = False
+        if model.training:
+            self._count_tokens(inputs)
+        return Trainer.compute_loss(self, model, inputs, return_outputs=return_outputs,
+                                    num_items_in_batch=num_items_in_batch)
+
+    def _count_tokens(self, inputs: dict[str, Any]) -> None:
+        """The `num_tokens` TRL's own loss logs (the run summary's throughput): unmasked tokens, or whole packed
+        rows."""
+        mask = inputs.get("attention_mask")
+        local = mask.sum() if mask is not None else torch.tensor(inputs["position_ids"].numel())
+        self._total_train_tokens += self.accelerator.gather_for_metrics(local.to(self.args.device)).sum().item()
+        self._metrics["train"]["num_tokens"] = [self._total_train_tokens]
+
+
+def trainer_class(recipe: Recipe) -> type[SFTTrainer]:
+    """The trainer whose loss the recipe asks for (train.logits)."""
+    return FullLogitsSFTTrainer if recipe.train.logits == "full" else SFTTrainer
 
 
 CPU_4BIT_BLOCK = 32

@@ -109,3 +109,40 @@ def test_recommend_ranks_what_fits(cli):
     rows = json.loads(out.stdout)
     assert rows and all(r["peak_bytes"] <= 12 * 2**30 for r in rows)
     assert all("zh" in r["languages"] or r["variant"] == "zh" for r in rows)  # zh: Chinese-LLaMA-2
+
+
+def test_estimate_compares_with_the_plain_stack_term_by_term(cli, tmp_path):
+    plain = cli("estimate", "recipe=qwen7b_qlora", "gpu_mem=24", "--json", "--compare")
+    assert plain.returncode in (0, 3), plain.stderr
+    report = json.loads(plain.stdout)
+    compare = report["compare"]
+    assert isinstance(compare["peak_bytes"], int) and compare["peak_bytes"] == sum(compare["breakdown"].values())
+    assert set(compare["breakdown"]) == set(report["breakdown"])
+    assert compare["peak_bytes"] > report["peak_bytes"]  # fp32 logits and the fp32 upcast cost memory
+    assert compare["breakdown"]["logits"] > 0 and compare["breakdown"]["weights"] > report["breakdown"]["weights"]
+    ours_like_theirs = json.loads(cli("estimate", "recipe=qwen7b_qlora", "gpu_mem=24", "--json",
+                                      "train.logits=full", "quant.upcast=true").stdout)
+    assert ours_like_theirs["peak_bytes"] == compare["peak_bytes"]  # the new keys plan what --compare shows
+    assert "compare" not in json.loads(cli("estimate", "recipe=qwen7b_qlora", "--json").stdout)
+    table = cli("estimate", "recipe=qwen7b_qlora", "gpu_mem=24", "--compare")
+    dry_run = cli("recipe=qwen7b_qlora", "--dry-run", "gpu_mem=24", f"output_dir={tmp_path / 'run'}")
+    for out in (table, dry_run):
+        assert out.returncode == 0, out.stderr
+        assert "plain stack" in out.stdout and "train.logits=full quant.upcast=true" in out.stdout
+        assert "CPU-measured" in out.stdout and "assumed" in out.stdout  # which terms rest on what
+    bad = cli("estimate", "recipe=qwen7b_qlora", "train.logits=fused")
+    assert bad.returncode == 2 and "train.logits=fused is not one of chunked, full" in bad.stderr
+
+
+def test_trainer_runs_the_full_logits_loss_and_the_fp32_upcast(cli, tmp_path):
+    run = tmp_path / "run"
+    out = cli("recipe=tiny_qwen2_5_qlora", "train.logits=full", "quant.upcast=true", f"output_dir={run}",
+              "data.max_samples=4", "data.val_size=0", "train.max_steps=2", "train.micro_batch=2",
+              "train.logging_steps=1", "train.save_steps=1000", "train.sample_prompts=0",
+              env={"OMP_NUM_THREADS": "1"})
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert [row["loss"] for row in rows if "loss" in row]
+    assert not any("mean_token_accuracy" in row for row in rows)  # transformers' loss, not TRL's chunked head
+    estimate = json.loads((run / "estimate.json").read_text())
+    assert estimate["logits"] == "full" and estimate["upcast"] is True

@@ -222,3 +222,66 @@ def test_models_table_lists_every_shipped_model_with_lora_and_qlora_estimates():
     for r in rows:
         assert 0 < r["qlora_gib@2048"] < r["lora_gib@2048"]
         assert r["license"] and r["commercial_use"] and r["hf_id"]
+
+
+def _qwen7b_plan(*overrides: str):
+    recipe = _load("model=qwen2_5_7b", "train.micro_batch=1", "train.max_length=2048", *overrides)
+    return plan(recipe, registry.spec("qwen2_5_7b"))
+
+
+def test_full_logits_hold_three_fp32_copies_of_tokens_by_vocabulary():
+    """transformers' loss at its peak (log_softmax's backward): the saved log-probabilities, their gradient and
+    its own, all fp32 [tokens, vocab] — 3.5 GiB for Qwen2.5's 152k vocabulary at 2048 tokens."""
+    chunked, full = (_qwen7b_plan("method=lora", f"train.logits={mode}") for mode in ("chunked", "full"))
+    logits = full.phases["loss backward"]["logits"]
+    assert logits == 3 * 4 * 2048 * 152_064  # the config's (padded) vocabulary
+    assert chunked.phases["loss backward"]["logits"] < logits / 10
+    assert full.phases["layer backward"] == chunked.phases["layer backward"]  # the decoder is the same
+
+
+def test_upcast_makes_every_16_bit_part_of_a_qlora_model_fp32():
+    kept, upcast = (_qwen7b_plan("method=qlora", f"quant.upcast={flag}") for flag in ("false", "true"))
+    quantized = 28 * (2 * 3584 * 3584 + 2 * 3584 * 512 + 3 * 3584 * 18944)  # q, o; k, v; gate, up, down
+    not_quantized = 7_615_616_512 - quantized  # embeddings, lm_head, norms, biases
+    assert upcast.phases["load"]["weights"] - kept.phases["load"]["weights"] == 2 * not_quantized
+    assert upcast.phases["loss backward"]["activations"] > kept.phases["loss backward"]["activations"]  # fp32 stream
+    lora = _qwen7b_plan("method=lora", "quant.upcast=true")
+    assert lora.peak_bytes == _qwen7b_plan("method=lora").peak_bytes  # only QLoRA is upcast
+
+
+def test_eager_attention_keeps_scores_that_grow_with_the_square_of_the_length():
+    def layers(attn: str, length: int) -> int:
+        return _qwen7b_plan("method=lora", f"train.attn_implementation={attn}",
+                            f"train.max_length={length}").phases["layer backward"]["activations"]
+
+    assert layers("eager", 4096) / layers("eager", 2048) > 3  # s² dominates
+    assert layers("sdpa", 4096) / layers("sdpa", 2048) < 2.1  # linear in the length
+    assert layers("flash_attention_2", 2048) == layers("sdpa", 2048)
+
+
+def test_without_checkpointing_forward_is_a_moment_of_its_own():
+    off = _qwen7b_plan("method=lora", "train.gradient_checkpointing=false")
+    on = _qwen7b_plan("method=lora", "train.gradient_checkpointing=true")
+    assert "forward" in off.phases and "forward" not in on.phases
+    assert off.phases["forward"]["activations"] > off.phases["loss backward"]["activations"]
+
+
+def test_compare_plans_the_plain_stack_and_says_what_each_term_rests_on():
+    spec = registry.spec("qwen2_5_7b")
+    out = report.estimate_report(config.load("qwen7b_qlora", []), spec, [], gpu_mem=24, compare=True)
+    plain = plan(config.with_overrides(config.load("qwen7b_qlora", []), ["train.logits=full", "quant.upcast=true"]),
+                 spec)
+    assert out["compare"]["peak_bytes"] == plain.peak_bytes > out["peak_bytes"]
+    assert out["compare"]["breakdown"] == plain.breakdown and set(plain.breakdown) == set(TERMS)
+    assert out["basis"]["overhead"].startswith("assumed") and "CPU-measured" in out["basis"]["activations"]
+    dpo = config.load("tiny_qwen2_5_dpo", [])
+    assert report.plain_stack(dpo) == ["quant.upcast=true"]  # DPO scores tokens its own way
+    console = Console(record=True, width=160)
+    console.print(report.render_estimate(out))
+    text = console.export_text()
+    assert "plain stack" in text and "assumed: CUDA context" in text
+
+
+def test_full_logits_are_for_sft_only():
+    with pytest.raises(UserError, match="train.logits=full is for stage=sft"):
+        config.load("tiny_qwen2_5_dpo", ["train.logits=full"])

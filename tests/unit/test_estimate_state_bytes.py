@@ -22,11 +22,12 @@ ROOT = Path(__file__).resolve().parents[2]
 
 
 def _bench():
-    spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules["bench_memory"] = module
-    spec.loader.exec_module(module)
-    return module
+    if "bench_memory" not in sys.modules:  # one module for every test file that loads it
+        spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["bench_memory"] = module
+        spec.loader.exec_module(module)
+    return sys.modules["bench_memory"]
 
 
 bench = _bench()
@@ -45,6 +46,7 @@ CASES = {
     "qlora fp4 single-quant dora adamw": ["method=qlora", "quant.type=fp4", "quant.double_quant=false",
                                           "lora.dora=true"],
     "qlora 8-bit base, 8-bit adam": ["method=qlora", "quant.bits=8", "train.optimizer=adamw_8bit"],
+    "qlora nf4 with the fp32 upcast (prepare_model_for_kbit_training)": ["method=qlora", "quant.upcast=true"],
 }
 
 

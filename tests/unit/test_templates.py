@@ -12,7 +12,6 @@ import base64
 import re
 import unicodedata
 from functools import cache
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm

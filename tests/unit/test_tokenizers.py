@@ -14,7 +14,6 @@ import re
 import shutil
 import unicodedata
 from functools import cache
-from pathlib import Path
 
 import pytest
 import sentencepiece as spm
