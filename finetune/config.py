@@ -12,13 +12,31 @@ import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from finetune import shipped
 from finetune.errors import UserError, did_you_mean
+
+Hub = Literal["hf", "modelscope"]
+Method = Literal["full", "lora", "qlora"]
+Stage = Literal["sft", "dpo"]
+Distributed = Literal["none", "ddp", "zero2", "zero3", "zero3_offload", "fsdp"]
+ReportTo = Literal["none", "wandb", "tensorboard"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
+OnBadRecord = Literal["error", "skip"]
+Precision = Literal["fp32", "fp16", "bf16"]
+Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"]
+Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
+Attention = Literal["eager", "sdpa", "flash_attention_2"]
+Logits = Literal["chunked", "full"]
+QuantBits = Literal[4, 8]
+QuantType = Literal["nf4", "fp4"]
+DpoLoss = Literal["sigmoid", "ipo", "hinge"]
+"""Every closed set of choices, declared once on its schema field: OmegaConf refuses any other value, and each
+module that acts on a choice handles all of them (tests/unit/test_choices.py fails when one is missed)."""
 
 
 OmegaConf.register_resolver("sample", shipped.sample, replace=True)
@@ -31,19 +49,19 @@ class DataSource:
 
     path: str = "???"
     weight: float = 1.0
-    format: str = "auto"
+    format: DataFormat = "auto"
 
 
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # file, directory, glob or hub dataset id
-    format: str = "auto"  # auto | alpaca | sharegpt | messages | text | preference
+    format: DataFormat = "auto"
     columns: dict[str, str] = field(default_factory=dict)  # data.columns.<field>=<column in the file>
     mix: list[DataSource] = field(default_factory=list)
     eval_path: Optional[str] = None
     val_size: float = 0.0  # fraction (<1) or count (>=1) held out when eval_path is not given
     max_samples: Optional[int] = None
-    on_bad_record: str = "error"  # error | skip
+    on_bad_record: OnBadRecord = "error"
     system_prompt: Optional[str] = None  # used when a conversation has no system message
     packing: bool = False
     num_proc: Optional[int] = None
@@ -52,7 +70,7 @@ class DataConfig:
 @dataclass
 class TrainConfig:
     lr: float = 2e-4
-    scheduler: str = "cosine"
+    scheduler: Scheduler = "cosine"
     warmup_ratio: float = 0.03
     epochs: float = 3.0
     max_steps: int = -1  # > 0 overrides epochs
@@ -60,12 +78,12 @@ class TrainConfig:
     grad_accum: int = 8
     max_length: int = 2048
     gradient_checkpointing: bool = True
-    precision: str = "bf16"  # fp32 | fp16 | bf16
-    optimizer: str = "adamw_torch"  # adamw_torch | adamw_8bit | paged_adamw_8bit | paged_adamw_32bit | sgd
+    precision: Precision = "bf16"
+    optimizer: Optimizer = "adamw_torch"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
-    attn_implementation: str = "sdpa"  # eager | sdpa | flash_attention_2
-    logits: str = "chunked"  # chunked: TRL's loss on [4096, 32768] tiles | full: fp32 [tokens, vocab] logits (SFT)
+    attn_implementation: Attention = "sdpa"
+    logits: Logits = "chunked"  # chunked: TRL's loss on [4096, 32768] tiles | full: fp32 [tokens, vocab] logits (SFT)
     logging_steps: int = 10
     eval_steps: Optional[int] = None
     save_steps: int = 200
@@ -86,17 +104,17 @@ class LoraConfig:
 class QuantConfig:
     """bitsandbytes settings used by method=qlora (4-bit) or to load an 8-bit base."""
 
-    bits: int = 4  # 4 | 8
-    type: str = "nf4"  # nf4 | fp4
+    bits: QuantBits = 4
+    type: QuantType = "nf4"
     double_quant: bool = True
-    compute_dtype: str = "bf16"
+    compute_dtype: Precision = "bf16"
     upcast: bool = False  # true: peft.prepare_model_for_kbit_training (fp32 embeddings, lm_head, norms)
 
 
 @dataclass
 class DpoConfig:
     beta: float = 0.1
-    loss: str = "sigmoid"
+    loss: DpoLoss = "sigmoid"
     sft_run: Optional[str] = None  # run directory of the SFT stage whose adapter DPO starts from
 
 
@@ -105,15 +123,15 @@ class Recipe:
     name: str = "custom"
     model: str = "???"  # registry name, hub id, ModelScope id or local directory
     variant: Optional[str] = None  # base | chat | instruct | 32k | zh ... (registry)
-    hub: str = "hf"  # hf | modelscope
+    hub: Hub = "hf"
     revision: Optional[str] = None
-    method: str = "lora"  # full | lora | qlora
-    stage: str = "sft"  # sft | dpo
+    method: Method = "lora"
+    stage: Stage = "sft"
     output_dir: Optional[str] = None
     gpu_mem: Optional[float] = None  # GiB per GPU, to ask "would it fit?" without that GPU
     num_gpus: Optional[int] = None  # planned GPUs; default: detected, else 1
-    distributed: str = "none"  # none | ddp | zero2 | zero3 | zero3_offload | fsdp
-    report_to: str = "none"  # none | wandb | tensorboard
+    distributed: Distributed = "none"
+    report_to: ReportTo = "none"
     resume: Optional[str] = None  # run directory, or auto
     overwrite: bool = False
     seed: int = 42
@@ -125,23 +143,15 @@ class Recipe:
     dpo: DpoConfig = field(default_factory=DpoConfig)
 
 
-CHOICES: dict[str, tuple[str, ...]] = {
-    "hub": ("hf", "modelscope"),
-    "method": ("full", "lora", "qlora"),
-    "stage": ("sft", "dpo"),
-    "distributed": ("none", "ddp", "zero2", "zero3", "zero3_offload", "fsdp"),
-    "report_to": ("none", "wandb", "tensorboard"),
-    "data.format": ("auto", "alpaca", "sharegpt", "messages", "text", "preference"),
-    "data.on_bad_record": ("error", "skip"),
-    "train.precision": ("fp32", "fp16", "bf16"),
-    "train.optimizer": ("adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"),
-    "train.scheduler": ("linear", "cosine", "constant", "constant_with_warmup"),
-    "train.attn_implementation": ("eager", "sdpa", "flash_attention_2"),
-    "train.logits": ("chunked", "full"),
-    "quant.type": ("nf4", "fp4"),
-    "quant.compute_dtype": ("fp32", "fp16", "bf16"),
-    "dpo.loss": ("sigmoid", "ipo", "hinge"),
-}
+def choices(key: str) -> tuple[Any, ...]:
+    """The values a dotted schema key accepts (`choices("train.optimizer")`); () for an open one."""
+    node: Any = Recipe
+    for part in key.split("."):
+        node = get_type_hints(node)[part]
+        if get_origin(node) is Union:  # Optional[X]
+            node = next(arg for arg in get_args(node) if arg is not type(None))
+    return get_args(node) if get_origin(node) is Literal else ()
+
 
 POSITIVE: tuple[str, ...] = ("train.lr", "train.micro_batch", "train.grad_accum", "train.max_length", "lora.r",
                              "lora.alpha", "train.save_steps", "train.logging_steps")
@@ -228,6 +238,11 @@ def _explain(exc: OmegaConfBaseException, where: str) -> UserError:
         bad = key or re.search(r"Key '([^']+)'", str(exc)).group(1)  # type: ignore[union-attr]
         hint = did_you_mean(bad, _schema_keys()) or did_you_mean(bad.split(".")[-1], _schema_keys())
         return UserError(f"{where}: unknown key '{bad}'{hint}; `--print-config` lists every key")
+    allowed = choices(key) if key and key in _schema_keys() else ()
+    value = re.match(r"Invalid value '(.*)', expected one of", str(exc))
+    if isinstance(exc, ValidationError) and allowed and value:
+        return UserError(f"{where}: {key}={value.group(1)} is not one of {', '.join(map(str, allowed))}"
+                         f"{did_you_mean(value.group(1), [str(a) for a in allowed])}")
     if isinstance(exc, ValidationError):
         msg = str(exc).splitlines()[0]
         return UserError(f"{where}: key '{key}': {msg}")
@@ -246,18 +261,11 @@ def _parse_overrides(overrides: list[str]) -> DictConfig:
 
 def _validate(recipe: Recipe, where: str) -> None:
     cfg = OmegaConf.structured(recipe)
-    for key, allowed in CHOICES.items():
-        value = OmegaConf.select(cfg, key)
-        if value not in allowed:
-            raise UserError(f"{where}: {key}={value} is not one of {', '.join(allowed)}"
-                            f"{did_you_mean(str(value), allowed)}")
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise UserError(f"{where}: {key} must be positive, got {OmegaConf.select(cfg, key)}")
     if recipe.train.logits == "full" and recipe.stage != "sft":
         raise UserError(f"{where}: train.logits=full is for stage=sft; stage={recipe.stage} scores tokens its own way")
-    if recipe.quant.bits not in (4, 8):
-        raise UserError(f"{where}: quant.bits={recipe.quant.bits} is not one of 4, 8")
     if recipe.model == "???":
         raise UserError(f"{where}: no model given; add model=NAME (`finetune list models`) or a local directory")
     _validate_model(recipe, where)
@@ -303,8 +311,11 @@ def load(recipe: Optional[str], overrides: list[str] = ()) -> Recipe:
 
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
     """A copy of a resolved recipe with a few keys changed (what-if estimates, tests)."""
-    merged = OmegaConf.merge(OmegaConf.structured(recipe), _parse_overrides(overrides))
-    result: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(recipe), _parse_overrides(overrides))
+        result: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
+    except OmegaConfBaseException as exc:
+        raise _explain(exc, "overrides") from None
     _validate(result, "overrides")
     return result
 
@@ -321,11 +332,3 @@ def from_yaml_file(path: Path) -> Recipe:
     except OmegaConfBaseException as exc:
         raise _explain(exc, str(path)) from None
 
-
-def as_plain(value: Any) -> Any:
-    """OmegaConf containers → plain dict/list (for JSON and for libraries that reject DictConfig)."""
-    if isinstance(value, (DictConfig, ListConfig)):
-        return OmegaConf.to_container(value, resolve=True)
-    if dataclasses.is_dataclass(value):
-        return OmegaConf.to_container(OmegaConf.structured(value), resolve=True)
-    return value

@@ -50,9 +50,9 @@ from finetune.estimate.memory import CUDA_CONTEXT_BYTES, GiB, plan
 from finetune.models import registry
 from finetune.models.native import native_config
 from finetune.models.registry import ModelSpec
+from finetune.train.model import DTYPES
 
 STD = 0.02
-DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 
 
 def build(recipe: Recipe, spec: ModelSpec, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:

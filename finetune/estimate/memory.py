@@ -39,6 +39,7 @@ import math
 from dataclasses import dataclass, field
 
 from finetune.config import Recipe
+from finetune.engines import ENGINES
 from finetune.estimate.params import Linear, ModelFacts, facts
 from finetune.models.registry import ModelSpec
 
@@ -46,8 +47,6 @@ GiB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS handles (torch 2.x, lazy module loading)
 FRAGMENTATION = 0.08  # caching-allocator excess (reserved over allocated) on the transient part
 TERMS = ("weights", "trainable_weights", "gradients", "optimizer", "activations", "logits", "overhead")
-DEEPSPEED = ("zero2", "zero3", "zero3_offload")
-ZERO3 = ("zero3", "zero3_offload")
 LOSS_TILE = (4096, 32768)  # TRL's chunked loss: tokens x vocabulary columns per projection tile (allocated whole)
 FLASH_MAX_HEAD_DIM = 256  # above it SDPA falls back to kernels without native GQA
 TERM_BASIS = {
@@ -103,7 +102,7 @@ def _dtype_bytes(recipe: Recipe) -> _Bytes:
         return _Bytes(weight, weight, weight, 2)
     if recipe.method == "qlora":  # TRL casts the adapters to bf16 on a quantized base
         return _Bytes(2, 4 if recipe.quant.upcast else 2, 2, 2)
-    return _Bytes(2, 2, 2 if recipe.distributed in ZERO3 else 4, 2)  # PEFT's fp32 adapters; TRL's bf16 on ZeRO-3
+    return _Bytes(2, 2, 2 if _zero3(recipe.distributed) else 4, 2)  # PEFT's fp32 adapters; TRL's bf16 on ZeRO-3
 
 
 def _quantized_weight_bytes(numels: tuple[int, ...], bits: int, double_quant: bool, rows: int) -> int:
@@ -140,7 +139,9 @@ def _optimizer_bytes(f: ModelFacts, b: _Bytes, optimizer: str, magnitude_bytes: 
     if optimizer == "adafactor":  # factored second moment, no first moment; fp32 work copies of one tensor
         states = sum(sum(s[:-1]) + s[-1] if len(s) > 1 else s[0] for s in f.trainable_shapes) * b.trainable
         return states, 3 * 4 * max(numels)
-    return 0, 0  # sgd without momentum keeps nothing
+    if optimizer == "sgd":  # without momentum: nothing kept
+        return 0, 0
+    raise ValueError(f"no memory model for train.optimizer={optimizer}")
 
 
 @dataclass(frozen=True)
@@ -353,6 +354,12 @@ def _loss_head_bytes(f: ModelFacts, b: _Bytes, tokens: int) -> int:
     return total
 
 
+def _zero3(dist: str) -> bool:
+    """DeepSpeed ZeRO stage 3: the engine partitions the parameters themselves."""
+    engine = ENGINES[dist]  # type: ignore[index]
+    return engine.launcher == "deepspeed" and engine.shards_weights
+
+
 def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: _Bytes, dist: str, n: int) -> None:
     """Shard `parts` (weights, trainable_weights, gradients, optimizer, step) the way the strategy does."""
     layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
@@ -364,19 +371,19 @@ def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: _Bytes,
             parts[term] //= n
         parts["weights"] += gathered
         parts["gradients"] += gathered  # a unit's unsharded gradients before reduce-scatter
-    elif dist in DEEPSPEED:  # a 16-bit engine module; the fp32 master copy and the states live in the optimizer
+    elif ENGINES[dist].launcher == "deepspeed":  # a 16-bit engine module; the fp32 master copy and the states live in the optimizer
         if recipe.method == "full":
             parts["weights"] = f.params_total * 2 + f.buffer_bytes
         adapters = 0 if recipe.method == "full" else 2 * (f.params_adapter + f.params_magnitude)
-        stage3 = n if dist in ZERO3 else 1  # stage 3 partitions the parameters themselves
+        stage3 = n if _zero3(dist) else 1  # stage 3 partitions the parameters themselves
         bucket = 2 * 2 * f.hidden * f.hidden  # reduce bucket (HF "auto": hidden² elements), double-buffered
         if recipe.train.optimizer == "adamw_torch":
             parts["optimizer"] = 8 * f.params_trainable
         parts.update(trainable_weights=adapters // stage3 + 4 * f.params_trainable // n,
                      gradients=2 * f.params_trainable // n + bucket, optimizer=parts["optimizer"] // n, step=0)
-        if dist in ZERO3:
+        if _zero3(dist):
             parts["weights"] = parts["weights"] // n + gathered
-        if dist == "zero3_offload":  # parameters, master weights, states and gradient partitions: CPU memory
+        if ENGINES[dist].offload:  # parameters, master weights, states and gradient partitions: CPU memory
             parts.update(weights=gathered, trainable_weights=0, optimizer=0, gradients=bucket)
 
 

@@ -20,12 +20,9 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 from finetune import shipped
-from finetune.config import Recipe
+from finetune.config import Distributed, Recipe
+from finetune.engines import ENGINES
 from finetune.errors import UserError
-
-DEEPSPEED_CONFIGS = {"zero2": "zero2.json", "zero3": "zero3.json", "zero3_offload": "zero3_offload.json"}
-SHARDED = ("zero3", "zero3_offload", "fsdp")
-"""Engines that split the weights themselves across ranks (QLoRA then stores 4-bit weights in the compute dtype)."""
 
 FSDP_CONFIG = {
     "version": 2,
@@ -90,14 +87,12 @@ def _launcher_engine() -> str | None:
 def check(recipe: Recipe, where: Launch) -> None:
     """Refuse combinations that would fail late or do something else than the recipe says."""
     engine = _launcher_engine()
-    wanted = "deepspeed" if recipe.distributed in DEEPSPEED_CONFIGS else "fsdp" if recipe.distributed == "fsdp" \
-        else None
-    if engine and engine != wanted:
+    if engine and engine != ENGINES[recipe.distributed].launcher:
         raise UserError(f"the accelerate config launched this run with {engine}, but the recipe says "
                         f"distributed={recipe.distributed}; set distributed= to match "
                         f"(zero2|zero3|zero3_offload for deepspeed, fsdp) or launch with recipes/accelerate/"
                         f"multi_gpu.yaml")
-    if recipe.distributed in SHARDED and where.use_cpu:
+    if ENGINES[recipe.distributed].shards_weights and where.use_cpu:
         raise UserError(f"distributed={recipe.distributed} shards the weights across CUDA GPUs (DeepSpeed's ZeRO-3 "
                         f"init fails on CPU); on CPU use distributed=ddp or zero2 with `accelerate launch "
                         f"--multi_gpu --num_processes N` or torchrun")
@@ -106,22 +101,23 @@ def check(recipe: Recipe, where: Launch) -> None:
 def trainer_kwargs(recipe: Recipe, where: Launch) -> dict[str, Any]:
     """The TrainingArguments fields that select the engine (shared by the SFT and DPO configs)."""
     kwargs: dict[str, Any] = {"use_cpu": where.use_cpu}
-    if recipe.distributed in DEEPSPEED_CONFIGS:
+    engine = ENGINES[recipe.distributed]
+    if engine.launcher == "deepspeed":
         kwargs["deepspeed"] = str(deepspeed_config(recipe.distributed))
-    elif recipe.distributed == "fsdp":
+    elif engine.launcher == "fsdp":
         # FSDP checkpoints activations itself; the Trainer's gradient checkpointing would all-gather twice
         kwargs["fsdp"] = True
         kwargs["fsdp_config"] = {**FSDP_CONFIG, "activation_checkpointing": recipe.train.gradient_checkpointing}
         kwargs["gradient_checkpointing"] = False
-    if where.world_size > 1 and recipe.distributed in ("none", "ddp"):
+    elif where.world_size > 1:  # none / ddp with several processes
         kwargs["ddp_find_unused_parameters"] = False  # every trainable weight gets a gradient in a causal LM
         kwargs["ddp_backend"] = "gloo" if where.use_cpu else None
     return kwargs
 
 
-def deepspeed_config(name: str) -> Path:
+def deepspeed_config(name: Distributed) -> Path:
     """A shipped DeepSpeed JSON (recipes/deepspeed/); its "auto" values are filled from the recipe by the Trainer."""
-    path = shipped.RECIPES / "deepspeed" / DEEPSPEED_CONFIGS[name]
+    path = shipped.RECIPES / "deepspeed" / str(ENGINES[name].deepspeed_config)
     if not path.is_file():
         raise UserError(f"DeepSpeed config {path} is missing; reinstall finetune or pass distributed=ddp")
     return path

@@ -3,7 +3,7 @@
 Starts from the SFT run named by dpo.sft_run: its adapter keeps training (TRL keeps a frozen copy of it as the
 reference policy), or, for method=full, its full weights (TRL copies them as the reference). Without an SFT run
 a fresh adapter is trained on the base, and the reference is the base itself (adapter disabled).
-Everything else — memory check, run directory, callbacks, saving, report — is the SFT flow (sft.py).
+Everything else — memory check, run directory, callbacks, saving, report — is the shared run lifecycle (session.py).
 """
 
 from __future__ import annotations
@@ -20,7 +20,9 @@ from finetune import data, rundir
 from finetune.config import Recipe
 from finetune.errors import UserError
 from finetune.rundir import RunDir
-from finetune.train import sft
+from finetune.train import session as lifecycle
+from finetune.train.model import load_model, lora_config
+from finetune.train.session import Session
 
 
 class PretokenizedDPOTrainer(DPOTrainer):
@@ -36,30 +38,31 @@ class PretokenizedDPOTrainer(DPOTrainer):
 
 def run(recipe: Recipe, *, force: bool = False) -> RunDir:
     sft_run = rundir.open_run(recipe.dpo.sft_run) if recipe.dpo.sft_run else None
-    session = sft.start(recipe, force=force)
-    with sft.discarded_on_failure(session):
+    session = lifecycle.start(recipe, force=force)
+    with lifecycle.discarded_on_failure(session):
         tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
         with PartialState().local_main_process_first():
             splits = data.build_preference(recipe, tokenizer, session.template)
-        args = sft.trainer_args(DPOConfig, session, has_eval="eval" in splits, beta=recipe.dpo.beta,
-                                loss_type=[recipe.dpo.loss], max_length=None)  # rows already fit train.max_length
+        args = lifecycle.trainer_args(DPOConfig, session, has_eval="eval" in splits, beta=recipe.dpo.beta,
+                                      loss_type=[recipe.dpo.loss], max_length=None)  # rows already fit train.max_length
         model, adapter = starting_point(session, sft_run)
-        samples = sft.before_samples(session, model, tokenizer, splits)
+        samples = lifecycle.before_samples(session, model, tokenizer, splits)
         trainer = PretokenizedDPOTrainer(model=model, args=args, train_dataset=splits["train"],
-                                         eval_dataset=splits.get("eval"), processing_class=tokenizer, peft_config=adapter)
-    return sft.finish(session, trainer, samples)
+                                         eval_dataset=splits.get("eval"), processing_class=tokenizer,
+                                         peft_config=adapter)
+    return lifecycle.finish(session, trainer, samples)
 
 
-def starting_point(session: sft.Session, sft_run: Optional[RunDir]) -> tuple[torch.nn.Module, Optional[LoraConfig]]:
+def starting_point(session: Session, sft_run: Optional[RunDir]) -> tuple[torch.nn.Module, Optional[LoraConfig]]:
     """(model, new adapter config or None): the SFT run's weights when given, else the base with a fresh adapter."""
     recipe = session.recipe
     if sft_run is None:
-        return sft.load_model(session), sft.lora_config(recipe, session.spec)
+        return load_model(session), lora_config(recipe, session.spec)
     if recipe.method == "full":
         if not sft_run.has_full_model:
             raise UserError(f"dpo.sft_run={sft_run.path} has no full model ({sft_run.model_dir}); method=full "
                             f"continues a method=full SFT run — use method=lora/qlora to continue an adapter")
-        return sft.load_model(session, sft_run.model_dir), None
+        return load_model(session, sft_run.model_dir), None
     if not sft_run.has_adapter:
         raise UserError(f"dpo.sft_run={sft_run.path} has no adapter ({sft_run.adapter_dir}); it did not finish, "
                         f"or it was method=full — then use method=full for DPO too")
@@ -67,5 +70,5 @@ def starting_point(session: sft.Session, sft_run: Optional[RunDir]) -> tuple[tor
     if trained_on and str(trained_on) != str(session.model.path):
         raise UserError(f"dpo.sft_run={sft_run.path} trained its adapter on {trained_on}, but this recipe's model "
                         f"is {session.model.path}; use the same model= as the SFT run")
-    model: Any = PeftModel.from_pretrained(sft.load_model(session), sft_run.adapter_dir, is_trainable=True)
+    model: Any = PeftModel.from_pretrained(load_model(session), sft_run.adapter_dir, is_trainable=True)
     return model, None

@@ -22,7 +22,7 @@ from finetune.rundir import RunDir
 if TYPE_CHECKING:
     from rich.console import Console
 
-    from finetune.train.sft import Session
+    from finetune.train.session import Session
 
 IGNORE = -100
 GIB = 2**30

@@ -15,7 +15,7 @@ from finetune.errors import UserError
 from finetune.models import native, registry
 from finetune.models.baichuan_alibi import alibi_slopes
 from finetune.models.tiny import cached_tiny
-from finetune.train.sft import check_cpu_4bit_widths
+from finetune.train.model import check_cpu_4bit_widths
 from reference_models import baichuan_slopes
 
 PUBLISHED_PARAMETERS = {  # reference/models.md
