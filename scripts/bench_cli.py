@@ -4,10 +4,12 @@
 
 Each command runs as `python -m finetune ...` in a fresh process, as a user runs it: first with an empty
 FINETUNE_CACHE (nothing counted yet; Python's bytecode and the OS file cache are warm), then again with the cache
-that run left. Reported per run: wall seconds, CPU seconds of the process (what the wall time would be on an idle
-machine, for this single-threaded work) and its peak RSS. The machine's load average is printed, since other jobs
-stretch wall time. --every-recipe also estimates every shipped recipe cold and warm; --source DIR measures another
-checkout of finetune (e.g. `git worktree` of an older commit) with this same script.
+that run left. Cold, the shipped recipes' model facts come from the seed in the package; a setting no recipe ships
+(lora.r=24) is counted on the meta device, which imports torch, transformers, PEFT and bitsandbytes: each cold run
+says how many models it counted. Reported per run: wall seconds, CPU seconds of the process (what the wall time
+would be on an idle machine, for this single-threaded work) and its peak RSS. The machine's load average is
+printed, since other jobs stretch wall time. --every-recipe also estimates every shipped recipe cold and warm;
+--source DIR measures another checkout of finetune (e.g. `git worktree` of an older commit) with this same script.
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from pathlib import Path
 COMMANDS = (
     ("help", ["--help"]),
     ("dry-run qwen7b_qlora", ["recipe=qwen7b_qlora", "--dry-run", "gpu_mem=24"]),
+    ("dry-run qwen7b_qlora lora.r=24 (not shipped)", ["recipe=qwen7b_qlora", "--dry-run", "gpu_mem=24",
+                                                     "lora.r=24"]),
     ("dry-run qwen7b_full (won't fit: suggestions)", ["recipe=qwen7b_full", "--dry-run", "gpu_mem=24", "num_gpus=1",
                                                      "distributed=none"]),
     ("estimate baichuan2_13b_qlora --json", ["estimate", "recipe=baichuan2_13b_qlora", "gpu_mem=16", "--json"]),
@@ -54,8 +58,9 @@ def run(args: list[str], cache: Path, source: str | None) -> tuple[float, float,
 def measure(label: str, args: list[str], work: Path, source: str | None) -> tuple[float, float]:
     cache = Path(tempfile.mkdtemp(prefix="cache-", dir=work))
     cold = run(args, cache, source)
+    counted = len(list((cache / "estimate").glob("*.json")))  # the seed's answers are read, never stored
     warm = run(args, cache, source)
-    print(f"{label:46s} cold {cold[0]:5.1f} s ({cold[1]:4.1f} CPU-s, {cold[2]:4.0f} MiB)   "
+    print(f"{label:46s} cold {cold[0]:5.1f} s ({cold[1]:4.1f} CPU-s, {cold[2]:4.0f} MiB, {counted:2d} counted)   "
           f"warm {warm[0]:5.2f} s ({warm[1]:4.2f} CPU-s, {warm[2]:4.0f} MiB)", flush=True)
     return cold[0], warm[0]
 

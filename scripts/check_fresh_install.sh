@@ -25,11 +25,13 @@ names = set(zipfile.ZipFile(sys.argv[1]).namelist())
 needed = ["finetune/recipes/qwen7b_qlora.yaml", "finetune/recipes/base/lora.yaml", "finetune/recipes/deepspeed/zero3.json",
           "finetune/recipes/accelerate/fsdp.yaml", "finetune/models/configs/qwen2_5_7b.json",
           "finetune/models/tokenizer_files/qwen2_5/tokenizer.json", "finetune/models/tokenizer_files/llama2/tokenizer.model",
-          "finetune/samples/messages_system.jsonl"]
+          "finetune/samples/messages_system.jsonl", "finetune/estimate/seed/manifest.json"]
 missing = [n for n in needed if n not in names]
+if not any(n.startswith("finetune/estimate/seed/") and not n.endswith("/manifest.json") for n in names):
+    missing.append("finetune/estimate/seed/*.json (the seed of model facts)")
 sys.exit(f"FAIL: not in the wheel: {missing}" if missing else 0)
 EOF
-echo "$(basename "$WHEEL"): recipes, DeepSpeed/accelerate configs, model configs, tokenizers and samples inside" >&2
+echo "$(basename "$WHEEL"): recipes, DeepSpeed/accelerate configs, model configs, tokenizers, samples, facts seed inside" >&2
 
 step "new venv: torch CPU first, then the wheel with its core dependencies only"
 "$PYTHON" -m venv "$WORK/venv"
@@ -59,6 +61,16 @@ step "finetune list recipes | grep qwen7b"
 
 step "finetune recipe=qwen7b_qlora --dry-run gpu_mem=24"
 "$FT" recipe=qwen7b_qlora --dry-run gpu_mem=24 | grep -q "7,615,616,512"
+"$VPY" - <<'EOF'  # its facts came from the package's seed (nothing counted), unless pip resolved other versions
+import json, os, pathlib, sys
+from finetune.estimate import params
+made = json.loads((params.SEED / "manifest.json").read_text())["versions"]
+counted = sorted(p.name for p in pathlib.Path(os.environ["FINETUNE_CACHE"], "estimate").glob("*.json"))
+if made != params.versions():
+    print(f"note: the seed was made under {made}, installed: {params.versions()}; counted {counted}", file=sys.stderr)
+elif counted:
+    sys.exit(f"FAIL: the dry-run counted {counted} though the seed was made under these versions")
+EOF
 
 step "finetune data on a SentencePiece family (Llama-2's tokenizer: protobuf)"
 "$FT" data recipe=tiny_llama2_lora --json | "$VPY" -c "import json,sys; r=json.load(sys.stdin); assert r['count'] > 0, r"

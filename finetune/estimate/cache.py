@@ -3,7 +3,8 @@
 For answers that are slow to compute and depend only on things we can name — a model's exact parameter facts (the
 config, the method and its settings, the library versions, our code), the shipped recipes' contents. The key is a
 hash of all of them, so a change is a new entry, never a stale answer. An entry is written atomically and read
-defensively: an unreadable, partial or foreign file counts as missing and is computed and written again.
+defensively: an unreadable, partial or foreign file counts as missing and is computed and written again. A kind may
+also ship a read-only seed of entries inside the package, made by the same code: the same key is the same answer.
 """
 
 from __future__ import annotations
@@ -11,8 +12,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any
 
 from finetune import atomic
 
@@ -26,11 +28,13 @@ def key(*parts: Any) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:24]
 
 
-def files_digest(paths: Iterable[Path]) -> str:
-    """A hash of files' names and contents: what a cached answer derived from them depends on."""
+def files_digest(paths: Iterable[Path], relative_to: Path | None = None) -> str:
+    """A hash of files' names and contents: what a cached answer derived from them depends on. With `relative_to`,
+    names are taken relative to it, so the same files give the same hash wherever they are installed."""
     h = hashlib.sha256()
     for path in paths:
-        h.update(f"{path}\0{path.stat().st_size}\0".encode() + path.read_bytes())
+        name = path.relative_to(relative_to).as_posix() if relative_to else path
+        h.update(f"{name}\0{path.stat().st_size}\0".encode() + path.read_bytes())
     return h.hexdigest()
 
 
@@ -38,13 +42,17 @@ def _path(kind: str, name: str, entry: str) -> Path:
     return root(kind) / f"{name}-{entry}.json"
 
 
-def load(kind: str, name: str, entry: str) -> Optional[Any]:
-    """The stored value, or None when there is no readable entry for exactly this key."""
-    try:
-        stored = json.loads(_path(kind, name, entry).read_text(encoding="utf-8"))
-        return stored["value"] if stored.get("key") == entry else None
-    except (OSError, ValueError, TypeError, KeyError, AttributeError):
-        return None
+def load(kind: str, name: str, entry: str, *, seed: Path | None = None) -> Any | None:
+    """The stored value, or None when there is no readable entry for exactly this key: from the user's cache, else
+    from `seed`, a directory of entries shipped with the package (named and keyed as the cache's, never written)."""
+    for path in (_path(kind, name, entry), *([seed / f"{name}-{entry}.json"] if seed else [])):
+        try:
+            stored = json.loads(path.read_text(encoding="utf-8"))
+            if stored.get("key") == entry:
+                return stored["value"]
+        except (OSError, ValueError, TypeError, KeyError, AttributeError):
+            pass
+    return None
 
 
 def store(kind: str, name: str, entry: str, value: Any) -> None:

@@ -4,7 +4,8 @@ The counting itself (finetune.estimate.meta) builds the native model on the meta
 does (transformers' bitsandbytes quantizer, PEFT's LoRA injection). It needs torch, transformers, PEFT and
 bitsandbytes, seconds of imports, so its result is cached on disk (finetune.estimate.cache), keyed by everything
 it depends on: the model's config, the method, the LoRA and quantization settings, those libraries' versions and
-our counting code. An estimate whose facts are cached imports none of them.
+our counting code. An estimate whose facts are cached imports none of them. The package ships the entries of every
+shipped recipe and of `recommend` / `list models` (SEED), so a user's first commands count nothing either.
 """
 
 from __future__ import annotations
@@ -24,6 +25,9 @@ LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 COUNTING_CODE = ("estimate/params.py", "estimate/meta.py", "models/native.py", "models/baichuan_alibi.py",
                  "models/convert/*.py")
 """Our code that shapes the counts, relative to the package: the counting, the native classes and configs."""
+SEED = Path(__file__).resolve().parent / "seed"
+"""Read-only entries made by scripts/make_estimate_seed.py, keyed as the user cache's: under other library versions
+or other counting code the key differs and the facts are counted as without a seed, never taken from it."""
 
 
 @dataclass(frozen=True)
@@ -74,15 +78,16 @@ def lora_targets(recipe: Recipe, spec: ModelSpec) -> tuple[str, ...]:
 
 def facts(recipe: Recipe, spec: ModelSpec) -> ModelFacts:
     """Exact counts and shapes for this recipe's model and method: from this process's memory, else from the disk
-    cache, else counted on the meta device (and cached). The key holds what the count is given — the model's config
-    and the one `settings` tuple of recipe values that shape the tree — plus the library versions and our code."""
+    cache, else from the package's seed, else counted on the meta device (and cached). The key holds what the
+    count is given — the model's config and the one `settings` tuple of recipe values that shape the tree — plus
+    the library versions and our code."""
     lora = (recipe.lora.r, lora_targets(recipe, spec), recipe.lora.dora) if recipe.method != "full" else None
     quant = (recipe.quant.bits, recipe.quant.type, recipe.quant.double_quant) if recipe.method == "qlora" else None
     settings = (recipe.method, lora, quant)
     model = cache.key(spec.original_config, spec.family.name, _environment())
     entry = cache.key(model, *settings)
     if entry not in _MEMO:
-        found = _from_json(cache.load("estimate", spec.name, entry))
+        found = _from_json(cache.load("estimate", spec.name, entry, seed=SEED))
         if found is None:
             from finetune.estimate import meta
 
@@ -92,18 +97,25 @@ def facts(recipe: Recipe, spec: ModelSpec) -> ModelFacts:
     return _MEMO[entry]
 
 
-@memo
-def _environment() -> str:
-    """The library versions and our counting code, as one hash (read once per process)."""
-    versions = []
+def versions() -> list[str]:
+    """`name=version` of each of LIBRARIES, without a build's local tag: a CUDA and a CPU build of torch
+    ("2.13.0+cu128", "2.13.0+cpu") build the same tree on the meta device, so they share entries (and the seed)."""
+    found = []
     for name in LIBRARIES:
         try:
-            versions.append(f"{name}={metadata.version(name)}")
+            found.append(f"{name}={metadata.version(name).split('+')[0]}")
         except metadata.PackageNotFoundError:
-            versions.append(f"{name}=none")
+            found.append(f"{name}=none")
+    return found
+
+
+@memo
+def _environment() -> str:
+    """The library versions and our counting code, as one hash (read once per process). Files are named relative
+    to the package, so a checkout and an installed wheel of the same code share keys."""
     package = Path(__file__).resolve().parent.parent
     code = sorted(path for pattern in COUNTING_CODE for path in package.glob(pattern))
-    return cache.key(versions, cache.files_digest(code))
+    return cache.key(versions(), cache.files_digest(code, relative_to=package))
 
 
 _MEMO: dict[str, ModelFacts] = {}

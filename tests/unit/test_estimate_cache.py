@@ -1,13 +1,17 @@
 """The on-disk cache of model facts: a warm estimate counts nothing and imports no torch, every input of the count
-is part of the key, and a damaged entry is counted again, never trusted."""
+is part of the key, and a damaged entry is counted again, never trusted. The package's seed answers a first run
+exactly as the user's cache would, and only for the very same key."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
+import shutil
 import subprocess
 import sys
 from importlib import metadata
+from pathlib import Path
 
 import pytest
 
@@ -16,12 +20,15 @@ from finetune.estimate import cache, meta, params
 from finetune.models import registry
 
 MODEL = "tiny_qwen2_5"
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
 def counts(tmp_path, monkeypatch) -> list[tuple]:
-    """An empty cache and an empty in-process memo; records every real count (meta.count call)."""
+    """An empty cache, an empty seed (tmp_path/seed) and an empty in-process memo; records every real count
+    (meta.count call)."""
     monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    monkeypatch.setattr(params, "SEED", tmp_path / "seed")
     monkeypatch.setattr(params, "_MEMO", {})
     calls: list[tuple] = []
     real = meta.count
@@ -110,3 +117,91 @@ def test_an_estimate_from_cached_facts_imports_no_torch(counts, tmp_path):
                          env={**os.environ, "FINETUNE_CACHE": str(tmp_path)})
     assert out.stdout.splitlines()[1] == "[]"
     assert len(counts) == 1
+
+
+def test_a_cuda_and_a_cpu_build_of_torch_share_entries(monkeypatch):
+    real_version = metadata.version
+    seen = set()
+    for build in ("2.13.0+cu128", "2.13.0+cpu", "2.13.0"):
+        monkeypatch.setattr(params.metadata, "version",
+                            lambda name, build=build: build if name == "torch" else real_version(name))
+        params._environment.cache_clear()
+        seen.add((params.versions()[0], params._environment()))
+    params._environment.cache_clear()
+    assert len(seen) == 1 and next(iter(seen))[0] == "torch=2.13.0"
+
+
+def test_the_counting_code_hashes_alike_wherever_it_is_installed(tmp_path):
+    copies = []
+    for place in ("checkout", "site-packages"):
+        package = tmp_path / place / "finetune"
+        shutil.copytree(Path(params.__file__).parent, package / "estimate")
+        copies.append(cache.files_digest(sorted(package.glob("estimate/*.py")), relative_to=package))
+    assert copies[0] == copies[1]
+
+
+def test_a_seed_entry_answers_a_first_run_without_counting_or_importing_torch(counts, tmp_path):
+    counted = _facts()
+    (tmp_path / "estimate").rename(tmp_path / "seed")  # the counted entry becomes the seed; the user cache is empty
+    code = ("import sys; from pathlib import Path; from finetune import config; from finetune.models import registry; "
+            "from finetune.estimate import params; from finetune.estimate.memory import plan; "
+            "params.SEED = Path(sys.argv[1]); "
+            f"r = config.load(None, ['model={MODEL}', 'method=qlora']); "
+            f"print(plan(r, registry.spec('{MODEL}')).peak_bytes); "
+            "print(sorted(m for m in ('torch', 'transformers', 'peft', 'bitsandbytes', 'finetune.estimate.meta') "
+            "if m in sys.modules))")
+    user = tmp_path / "user"
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "seed")], capture_output=True, text=True,
+                         check=True, env={**os.environ, "FINETUNE_CACHE": str(user)})
+    assert out.stdout.splitlines()[1] == "[]"
+    assert not (user / "estimate").exists()  # read from the seed, not copied into the user's cache
+
+    params._MEMO.clear()  # the same in this process: the fixture's empty user cache, the seed answers
+    assert _facts() == counted and len(counts) == 1
+
+
+def test_a_miss_in_the_cache_and_the_seed_is_counted_and_cached_not_seeded(counts, tmp_path, monkeypatch):
+    r8 = _facts("lora.r=8")
+    (tmp_path / "estimate").rename(tmp_path / "seed")
+    monkeypatch.setattr(params, "_MEMO", {})
+
+    r16 = _facts("lora.r=16")  # not in the seed
+    assert len(counts) == 2 and r16.params_adapter == 2 * r8.params_adapter
+    assert len(_entries(tmp_path)) == 1 and len(list((tmp_path / "seed").glob("*.json"))) == 1
+
+    real_version = metadata.version  # a seed made under other versions is never used
+    monkeypatch.setattr(params.metadata, "version", lambda name: "0.0.1" if name == "peft" else real_version(name))
+    monkeypatch.setattr(params, "_MEMO", {})
+    params._environment.cache_clear()
+    try:
+        assert _facts("lora.r=8") == r8
+    finally:
+        params._environment.cache_clear()
+    assert len(counts) == 3
+
+
+def _seed_script():
+    spec = importlib.util.spec_from_file_location("make_estimate_seed", ROOT / "scripts" / "make_estimate_seed.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_the_seed_holds_every_entry_the_shipped_recipes_recommend_and_list_models_need(tmp_path, monkeypatch):
+    script = _seed_script()
+    made = json.loads((params.SEED / script.MANIFEST).read_text(encoding="utf-8"))["versions"]
+    if made != params.versions():
+        pytest.skip(f"the seed was made under {', '.join(made)}; installed here: {', '.join(params.versions())} "
+                    f"(its keys cannot match, so a first run counts; the seed is checked where the versions match)")
+    monkeypatch.setenv("FINETUNE_CACHE", str(tmp_path))
+    monkeypatch.delenv("FINETUNE_RECIPES", raising=False)
+    monkeypatch.setattr(params, "_MEMO", {})
+
+    def missing(spec, model_key, method, lora, quant):
+        pytest.fail(f"{spec.name} {spec.variant.name} method={method} lora={lora} quant={quant} is not in "
+                    f"finetune/estimate/seed/ (the counting code, a model config or a recipe's settings changed): "
+                    f"run python scripts/make_estimate_seed.py")
+
+    monkeypatch.setattr(meta, "count", missing)
+    script.plan_everything()
+    assert not (tmp_path / "estimate").exists()
