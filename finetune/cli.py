@@ -155,6 +155,16 @@ def _spec_for_estimate(recipe: config.Recipe, registry):
 def cmd_data(args: list[str]) -> int:
     pairs, rest = _split(args)
     flags = _flags("data", rest, _json_flag, _png_flag)
+    dirs = [p.split("=", 1)[1] for p in pairs if p.startswith("data.dir=")]
+    if dirs and not any(p.startswith("data.name=") for p in pairs):  # a registry without a choice: list it
+        from finetune.data import registry
+
+        rows = registry.listing(dirs[-1])
+        if flags.json:
+            print(json.dumps({"dir": dirs[-1], "datasets": rows}, ensure_ascii=False))
+        else:
+            out.print(registry.render_listing(dirs[-1], rows))
+        return 0
     previews = [p for p in pairs if p.startswith("preview=")]
     preview = int(previews[-1].split("=", 1)[1]) if previews else 3
     recipe = _load([p for p in pairs if not p.startswith("preview=")])

@@ -25,7 +25,8 @@ Method = Literal["full", "lora", "qlora"]
 Stage = Literal["sft", "dpo"]
 Distributed = Literal["none", "ddp", "zero2", "zero3", "zero3_offload", "fsdp"]
 ReportTo = Literal["none", "wandb", "tensorboard"]
-DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference"]
+DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "sharegpt_preference",
+                     "messages_preference", "alpaca_preference", "kto"]
 OnBadRecord = Literal["error", "skip"]
 Precision = Literal["fp32", "fp16", "bf16"]
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"]
@@ -55,6 +56,8 @@ class DataSource:
 @dataclass
 class DataConfig:
     path: Optional[str] = None  # file, directory, glob or hub dataset id
+    name: Optional[str] = None  # entries of data.dir's dataset_info.json ("a,b"); replaces data.path when set
+    dir: Optional[str] = None  # a LLaMA-Factory-style data folder holding dataset_info.json
     format: DataFormat = "auto"
     columns: dict[str, str] = field(default_factory=dict)  # data.columns.<field>=<column in the file>
     mix: list[DataSource] = field(default_factory=list)

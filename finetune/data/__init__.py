@@ -1,7 +1,10 @@
 """Data pipeline: any common instruction format in, the model's exact chat format out, loss on answers only.
 
     load.py     files / directories / globs / hub ids → raw rows (via `datasets`), mixing, held-out split
-    formats.py  alpaca / sharegpt / messages / text / preference → one internal schema, bad records marked
+    registry.py data.name + data.dir: entries of a LLaMA-Factory-style dataset_info.json as sources
+    formats.py  alpaca / sharegpt / messages / text / preference layouts / KTO → one internal schema, bad records
+                marked
+    turns.py    one turn in any key style (roles, tool calls and results, content parts) → an internal message
     render.py   internal rows → the family's exact token ids and labels (finetune.models.templates), truncation
     pack.py     short examples → full rows with per-example position ids
     inspect.py  counts, length histogram, one example with its trained tokens highlighted

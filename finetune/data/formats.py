@@ -1,9 +1,16 @@
 """Every supported record layout → one internal schema, so rendering and packing see a single shape.
 
-Internal SFT row: `messages` = [{role, content}], roles `system` (optional, first) / `user` / `assistant`,
-alternating and ending with an assistant answer. Plain text for continued pretraining is one message with role
-`text` (render.py tokenizes it without a chat template). Internal preference row: `prompt` (messages ending with a
-user turn), `chosen` and `rejected` (answer strings).
+Internal SFT row: `messages` = [{role, content, tool_calls}] (turns.py), `system` (optional, first), then `user`
+first; an answer is followed by a user turn, an assistant turn with tool calls by `tool` results, results by
+more results or an answer; it ends with an assistant turn. `tools`: the JSON text of the function schemas the
+conversation may call, or null. Plain text for continued pretraining is one message with role `text` (render.py
+tokenizes it without a chat template). Internal preference row: `prompt` (messages ending with a user turn or
+tool results), `chosen` and `rejected` (answer strings), `tools`.
+
+Preference layouts: TRL's prompt/chosen/rejected, LLaMA-Factory's sharegpt one (`conversations` + `chosen` +
+`rejected`, answers as turn objects), the same with `messages`, and LLaMA-Factory's alpaca one (instruction/input
++ chosen/rejected). KTO records (a conversation with a true/false `label`) are detected so that they are never
+trained as SFT by mistake; they need a KTO stage (load.py refuses them).
 
 Conversion never raises on a bad record: it returns a reason code and a sentence naming the field. That keeps the
 verdict inside the (cached, multi-process) `datasets.map` output, so `on_bad_record=skip` counts come from the data
@@ -13,47 +20,46 @@ itself and `on_bad_record=error` can name the first bad record's file and line a
 from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
-from typing import Any
+from types import MappingProxyType
+from typing import Any, Optional, Union
 
 from datasets import Features, List, Value
 
+from finetune.data.turns import BadRecord, kind, message, parse_turn, parse_turns, tools_of
 from finetune.errors import UserError, did_you_mean
 
-FORMATS: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {
+Field = Union[str, tuple[str, ...]]  # a field, or alternatives of which one must be present
+FORMATS: dict[str, tuple[tuple[Field, ...], tuple[str, ...]]] = {
     # format: (required fields, optional fields); a field is read from the column data.columns.<field> names
-    "preference": (("prompt", "chosen", "rejected"), ("system",)),
-    "messages": (("messages",), ()),
-    "sharegpt": (("conversations",), ("system",)),
-    "alpaca": (("instruction", "output"), ("input", "system", "history")),
+    "kto": (("label", ("messages", "conversations", "completion")), ("tools",)),
+    "preference": (("prompt", "chosen", "rejected"), ("system", "tools")),
+    "sharegpt_preference": (("conversations", "chosen", "rejected"), ("system", "tools")),
+    "messages_preference": (("messages", "chosen", "rejected"), ("tools",)),
+    "alpaca_preference": (("instruction", "chosen", "rejected"), ("input", "system", "history")),
+    "messages": (("messages",), ("tools",)),
+    "sharegpt": (("conversations",), ("system", "tools")),
+    "alpaca": (("instruction", "output"), ("input", "system", "history", "tools")),
     "text": (("text",), ()),
 }
 """Detection tries the formats in this order: the first whose required columns are all present wins."""
 
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-         "bot": "assistant", "model": "assistant", "chatgpt": "assistant"}
-"""Role names seen in the wild (OpenAI, ShareGPT, Gemini) → ours. Tool/observation turns are not supported."""
+PREFERENCE = ("preference", "sharegpt_preference", "messages_preference", "alpaca_preference")
+CONVERSATION = {"messages": "messages", "messages_preference": "messages", "sharegpt": "conversations",
+                "sharegpt_preference": "conversations"}
+"""The field holding the turns, for the formats that have one."""
 
-TURN_KEYS = {"role": ("role", "from"), "content": ("content", "value")}
-"""Keys of one turn: OpenAI {role, content} or ShareGPT {from, value}; data.columns.role/content override them."""
-
-MESSAGES = List({"role": Value("string"), "content": Value("string")})
+MESSAGES = List({"role": Value("string"), "content": Value("string"),
+                 "tool_calls": List({"name": Value("string"), "arguments": Value("string")})})
 META = {"_src": Value("string"), "_row": Value("int64"), "_drop": Value("string"), "_why": Value("string")}
-SFT_FEATURES = Features({"messages": MESSAGES, **META})
-PREFERENCE_FEATURES = Features({"prompt": MESSAGES, "chosen": Value("string"), "rejected": Value("string"), **META})
+SFT_FEATURES = Features({"messages": MESSAGES, "tools": Value("string"), **META})
+PREFERENCE_FEATURES = Features({"prompt": MESSAGES, "chosen": Value("string"), "rejected": Value("string"),
+                                "tools": Value("string"), **META})
+NO_ROLES: Mapping[str, str] = MappingProxyType({})  # a source without role names of its own
+FOLLOWS = {"user": ("assistant",), "assistant": ("user",), "call": ("tool",), "tool": ("tool", "assistant")}
+"""Which roles may follow a turn: a user turn, an answer, an assistant turn with tool calls, a tool result."""
 
-
-def kind(value: Any) -> str:
-    """A JSON value's type in the words of an error message."""
-    return {dict: "an object", list: "a list", str: "text", bool: "true/false", int: "a number",
-            float: "a number"}.get(type(value), "null")
-
-
-class BadRecord(Exception):
-    """One record that cannot be used; `reason` is the key counted in `dropped`."""
-
-    def __init__(self, reason: str, message: str):
-        super().__init__(message)
-        self.reason = reason
+__all__ = ["BadRecord", "FORMATS", "PREFERENCE", "check_format", "check_stage", "convert_batch", "detect", "kind",
+           "to_messages", "to_preference"]
 
 
 def check_format(fmt: str, where: str) -> str:
@@ -63,18 +69,32 @@ def check_format(fmt: str, where: str) -> str:
     return fmt
 
 
+def check_stage(fmt: str, where: str) -> None:
+    """KTO data is never trained as something else by accident."""
+    if fmt == "kto":
+        raise UserError(f"{where}: these are KTO records (a conversation with a true/false 'label'); they train "
+                        "with a KTO stage, which this version does not have yet. To train the conversations as "
+                        "SFT regardless of their label, set data.format=messages (or sharegpt)")
+
+
+def _present(field: Field, present: set[str], columns: Mapping[str, str]) -> bool:
+    return any(columns.get(f, f) in present for f in ((field,) if isinstance(field, str) else field))
+
+
 def detect(column_names: Iterable[str], columns: Mapping[str, str], where: str) -> str:
     """The format whose required columns the file has (after the data.columns mapping)."""
     present = set(column_names)
     for fmt, (required, _) in FORMATS.items():
-        if all(columns.get(f, f) in present for f in required):
+        if all(_present(f, present, columns) for f in required):
             return fmt
+    described = "; ".join(f"{fmt} ({', '.join(f if isinstance(f, str) else '|'.join(f) for f in required)})"
+                          for fmt, (required, _) in FORMATS.items())
     raise UserError(f"{where}: cannot tell the data format from its columns {sorted(present)}; expected one of: "
-                    + "; ".join(f"{fmt} ({', '.join(req)})" for fmt, (req, _) in FORMATS.items())
-                    + ". Set data.format=... and map columns with data.columns.<field>=<column>")
+                    f"{described}. Set data.format=... and map columns with data.columns.<field>=<column>")
 
 
-def _text(record: Mapping[str, Any], field: str, columns: Mapping[str, str], required: bool = True) -> str | None:
+def _text(record: Mapping[str, Any], field: str, columns: Mapping[str, str], required: bool = True
+          ) -> Optional[str]:
     column = columns.get(field, field)
     value = record.get(column)
     if value is None:
@@ -86,104 +106,103 @@ def _text(record: Mapping[str, Any], field: str, columns: Mapping[str, str], req
     return value
 
 
-def _turns(value: Any, field: str, columns: Mapping[str, str]) -> list[dict[str, str]]:
-    """A list of turns in either key style → [{role, content}] with our role names."""
-    if value is None:
-        raise BadRecord("missing_field", f"'{field}' is missing")
-    if not isinstance(value, list):
-        raise BadRecord("bad_type", f"'{field}' must be a list of turns, got {kind(value)}")
-    turns = []
-    for i, turn in enumerate(value):
-        if not isinstance(turn, Mapping):
-            raise BadRecord("bad_type", f"{field}[{i}] must be an object with a role and a content")
-        keys = {}
-        for part, candidates in TURN_KEYS.items():
-            names = (columns[part],) if part in columns else candidates
-            keys[part] = next((k for k in names if turn.get(k) is not None), None)
-            if keys[part] is None:
-                raise BadRecord("missing_field", f"{field}[{i}]: '{'/'.join(names)}' is missing")
-        role, content = turn[keys["role"]], turn[keys["content"]]
-        if role not in ROLES:
-            raise BadRecord("unknown_role", f"{field}[{i}]: role '{role}' is not one of "
-                            f"{', '.join(sorted(ROLES))}{did_you_mean(str(role), ROLES)}")
-        if not isinstance(content, str):
-            raise BadRecord("bad_type", f"{field}[{i}].{keys['content']} must be text, got {kind(content)}")
-        turns.append({"role": ROLES[role], "content": content})
-    return turns
-
-
-def check_conversation(messages: list[dict[str, str]], field: str, ends_with: str = "assistant") -> None:
-    """Optional system first, then user/assistant alternating, ending with `ends_with`; no empty message."""
+def check_conversation(messages: list[dict[str, Any]], field: str, ends_with: tuple[str, ...] = ("assistant",)
+                       ) -> None:
+    """Optional system first, then user first and each turn followed by a role FOLLOWS allows, ending with a role
+    in `ends_with`; no empty message (a tool call may have no text, a tool result may be empty)."""
     body = messages[1:] if messages and messages[0]["role"] == "system" else messages
     if not body:
         raise BadRecord("missing_field", f"'{field}' has no user/assistant turns")
-    offset = len(messages) - len(body)
-    for i, message in enumerate(body):
-        expected = "user" if i % 2 == 0 else "assistant"
-        if message["role"] != expected:
-            after = f"after '{body[i - 1]['role']}'" if i else "first"
-            raise BadRecord("bad_role_order", f"{field}[{i + offset}]: role '{message['role']}' {after}; "
-                            "turns must be (system,) user, assistant, user, assistant, ...")
-        if not message["content"].strip():
-            reason = "empty_answer" if expected == "assistant" else "empty_message"
-            raise BadRecord(reason, f"{field}[{i + offset}]: the {expected} content is empty")
-    if body[-1]["role"] != ends_with:
-        raise BadRecord("bad_role_order", f"'{field}' ends with a {body[-1]['role']} turn; "
-                        f"it must end with {'an' if ends_with == 'assistant' else 'a'} {ends_with} turn")
+    offset, expected = len(messages) - len(body), ("user",)
+    for i, m in enumerate(body):
+        if m["role"] not in expected:
+            previous = body[i - 1] if i else None
+            after = "first" if previous is None else \
+                "after a tool call" if previous["tool_calls"] else f"after '{previous['role']}'"
+            raise BadRecord("bad_role_order", f"{field}[{i + offset}]: role '{m['role']}' {after}; turns must be "
+                            "(system,) user, assistant, user, assistant, ...; tool results follow a tool call")
+        if not m["content"].strip() and not m["tool_calls"] and m["role"] != "tool":
+            reason = "empty_answer" if m["role"] == "assistant" else "empty_message"
+            raise BadRecord(reason, f"{field}[{i + offset}]: the {m['role']} content is empty")
+        expected = FOLLOWS["call" if m["tool_calls"] else m["role"]]
+    if body[-1]["role"] not in ends_with:
+        raise BadRecord("bad_role_order", f"'{field}' ends with {_a(body[-1]['role'])} turn; it must end with "
+                        + " or ".join(f"{_a(role)} turn" for role in ends_with))
 
 
-def _with_system(messages: list[dict[str, str]], system: str | None) -> list[dict[str, str]]:
+def _a(role: str) -> str:
+    return f"an {role}" if role == "assistant" else f"a {role}"
+
+
+def _with_system(messages: list[dict[str, Any]], system: Optional[str]) -> list[dict[str, Any]]:
     if system and system.strip() and not (messages and messages[0]["role"] == "system"):
-        return [{"role": "system", "content": system}, *messages]
+        return [message("system", system), *messages]
     return messages
 
 
-def _alpaca(record: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, str]]:
+def _alpaca_prompt(record: Mapping[str, Any], columns: Mapping[str, str]) -> list[dict[str, Any]]:
+    """History pairs, then instruction + "\\n" + input as the user turn (system not yet added)."""
     instruction = _text(record, "instruction", columns)
     extra = _text(record, "input", columns, required=False)
-    output = _text(record, "output", columns)
     history = record.get(columns.get("history", "history")) or []
-    messages: list[dict[str, str]] = []
+    messages: list[dict[str, Any]] = []
     for i, pair in enumerate(history):
         if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
             raise BadRecord("bad_type", f"'history'[{i}] must be a [question, answer] pair of texts")
-        messages += [{"role": "user", "content": pair[0]}, {"role": "assistant", "content": pair[1]}]
+        messages += [message("user", pair[0]), message("assistant", pair[1])]
     prompt = "\n".join(part for part in (instruction, extra) if part and part.strip())
     if not prompt:
         raise BadRecord("empty_message", f"'{columns.get('instruction', 'instruction')}' is empty")
-    if not output.strip():  # type: ignore[union-attr]
-        raise BadRecord("empty_answer", f"'{columns.get('output', 'output')}' is empty")
-    messages += [{"role": "user", "content": prompt}, {"role": "assistant", "content": output}]
-    return _with_system(messages, _text(record, "system", columns, required=False))
+    return [*messages, message("user", prompt)]
 
 
-def to_messages(record: Mapping[str, Any], fmt: str, columns: Mapping[str, str]) -> list[dict[str, str]]:
+def _conversation(record: Mapping[str, Any], fmt: str, columns: Mapping[str, str], roles: Mapping[str, str]
+                  ) -> tuple[list[dict[str, Any]], str]:
+    """The turns of a conversation format (with its system column), and the column they came from."""
+    field = columns.get(CONVERSATION[fmt], CONVERSATION[fmt])
+    messages = _with_system(parse_turns(record.get(field), field, columns, roles),
+                            _text(record, "system", columns, required=False))
+    if messages and messages[0]["role"] == "system" and not messages[0]["content"].strip():
+        messages = messages[1:]  # exports often carry an empty system turn: it means "no system prompt"
+    return messages, field
+
+
+def _tools(record: Mapping[str, Any], columns: Mapping[str, str]) -> Optional[str]:
+    column = columns.get("tools", "tools")
+    return tools_of(record.get(column), column)
+
+
+def to_messages(record: Mapping[str, Any], fmt: str, columns: Mapping[str, str],
+                roles: Mapping[str, str] = NO_ROLES) -> list[dict[str, Any]]:
     """One record of an SFT format → checked internal messages; raises BadRecord."""
     if fmt == "text":
         text = _text(record, "text", columns)
         if not text.strip():  # type: ignore[union-attr]
             raise BadRecord("empty_text", f"'{columns.get('text', 'text')}' is empty")
-        return [{"role": "text", "content": text}]  # type: ignore[dict-item]
+        return [message("text", text)]  # type: ignore[arg-type]
     if fmt == "alpaca":
-        messages = _alpaca(record, columns)
+        output = _text(record, "output", columns)
+        if not output.strip():  # type: ignore[union-attr]
+            raise BadRecord("empty_answer", f"'{columns.get('output', 'output')}' is empty")
+        messages = _with_system([*_alpaca_prompt(record, columns), message("assistant", output)],  # type: ignore
+                                _text(record, "system", columns, required=False))
         field = columns.get("history", "history")
     else:
-        field = columns.get(FORMATS[fmt][0][0], FORMATS[fmt][0][0])
-        messages = _with_system(_turns(record.get(field), field, columns),
-                                _text(record, "system", columns, required=False))
-        if messages and messages[0]["role"] == "system" and not messages[0]["content"].strip():
-            messages = messages[1:]  # exports often carry an empty system turn: it means "no system prompt"
+        messages, field = _conversation(record, fmt, columns, roles)
     check_conversation(messages, field)
     return messages
 
 
-def _answer(record: Mapping[str, Any], field: str, columns: Mapping[str, str]) -> str:
+def _answer(record: Mapping[str, Any], field: str, columns: Mapping[str, str], roles: Mapping[str, str]) -> str:
+    """An answer given as text, as one turn object (LLaMA-Factory) or as a list of one turn (TRL)."""
     column = columns.get(field, field)
     value = record.get(column)
-    if isinstance(value, list):  # TRL's conversational style: [{"role": "assistant", "content": ...}]
-        turns = _turns(value, column, columns)
-        if len(turns) != 1 or turns[0]["role"] != "assistant":
-            raise BadRecord("bad_role_order", f"'{column}' must hold exactly one assistant turn")
+    if isinstance(value, Mapping):
+        value = [value]
+    if isinstance(value, list):
+        turns = [parse_turn(turn, f"{column}[{i}]", columns, roles) for i, turn in enumerate(value)]
+        if len(turns) != 1 or turns[0]["role"] != "assistant" or turns[0]["tool_calls"]:
+            raise BadRecord("bad_role_order", f"'{column}' must hold exactly one assistant answer (text)")
         value = turns[0]["content"]
     value = _text({column: value}, column, {})
     if not value.strip():  # type: ignore[union-attr]
@@ -191,32 +210,39 @@ def _answer(record: Mapping[str, Any], field: str, columns: Mapping[str, str]) -
     return value  # type: ignore[return-value]
 
 
-def to_preference(record: Mapping[str, Any], columns: Mapping[str, str]) -> dict[str, Any]:
-    """One preference record → {prompt: messages ending with user, chosen, rejected}; raises BadRecord."""
-    column = columns.get("prompt", "prompt")
-    value = record.get(column)
-    if isinstance(value, list):
-        prompt = _turns(value, column, columns)
+def to_preference(record: Mapping[str, Any], columns: Mapping[str, str], fmt: str = "preference",
+                  roles: Mapping[str, str] = NO_ROLES) -> dict[str, Any]:
+    """One preference record → {prompt: messages ending with a user turn or tool results, chosen, rejected,
+    tools}; raises BadRecord."""
+    if fmt == "alpaca_preference":
+        field = columns.get("instruction", "instruction")
+        prompt = _with_system(_alpaca_prompt(record, columns), _text(record, "system", columns, required=False))
+    elif fmt in CONVERSATION:
+        prompt, field = _conversation(record, fmt, columns, roles)
     else:
-        prompt = [{"role": "user", "content": _text(record, "prompt", columns)}]
-    prompt = _with_system(prompt, _text(record, "system", columns, required=False))  # type: ignore[arg-type]
-    check_conversation(prompt, column, ends_with="user")
-    return {"prompt": prompt, "chosen": _answer(record, "chosen", columns),
-            "rejected": _answer(record, "rejected", columns)}
+        field = columns.get("prompt", "prompt")
+        value = record.get(field)
+        prompt = parse_turns(value, field, columns, roles) if isinstance(value, list) else \
+            [message("user", _text(record, "prompt", columns))]  # type: ignore[arg-type]
+        prompt = _with_system(prompt, _text(record, "system", columns, required=False))
+    check_conversation(prompt, field, ends_with=("user", "tool"))
+    return {"prompt": prompt, "chosen": _answer(record, "chosen", columns, roles),
+            "rejected": _answer(record, "rejected", columns, roles), "tools": _tools(record, columns)}
 
 
 def convert_batch(batch: dict[str, list], indices: list[int], *, fmt: str, columns: dict[str, str],
-                  src: str) -> dict[str, list]:
+                  roles: dict[str, str], src: str) -> dict[str, list]:
     """Batched `datasets.map` function: rows of `fmt` → internal rows, bad ones marked in `_drop`/`_why`."""
-    out: dict[str, list] = {k: [] for k in (PREFERENCE_FEATURES if fmt == "preference" else SFT_FEATURES)}
+    out: dict[str, list] = {k: [] for k in (PREFERENCE_FEATURES if fmt in PREFERENCE else SFT_FEATURES)}
     names = list(batch)
     for i, row in enumerate(indices):
         record = {name: batch[name][i] for name in names}
         try:
-            if fmt == "preference":
-                converted = to_preference(record, columns)
+            if fmt in PREFERENCE:
+                converted = to_preference(record, columns, fmt, roles)
             else:
-                converted = {"messages": to_messages(record, fmt, columns)}
+                converted = {"messages": to_messages(record, fmt, columns, roles),
+                             "tools": None if fmt == "text" else _tools(record, columns)}
             drop, why = "", ""
         except BadRecord as bad:
             converted = {k: None for k in out if not k.startswith("_")}

@@ -15,6 +15,7 @@ import json
 import os
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
@@ -23,13 +24,13 @@ import numpy as np
 from datasets import Dataset, Features, Value
 from datasets.fingerprint import Hasher
 
-from finetune.data import formats
+from finetune.data import formats, registry
 from finetune.errors import UserError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
 MIN_ROWS_PER_PROC = 2000  # below this, worker start-up costs more than it saves
-CODE_FILES = ("formats.py", "load.py")
+CODE_FILES = ("formats.py", "turns.py", "load.py")
 
 
 def cache_dir(kind: str = "datasets") -> Path:
@@ -223,9 +224,12 @@ def settle(ds: Dataset, on_bad_record: str, policy: tuple[str, ...] = ()) -> tup
 
 
 def load_source(path: str, fmt: str, columns: dict[str, str], *, on_bad_record: str, max_samples: Optional[int],
-                num_proc: Optional[int], where: str) -> tuple[Dataset, Counter, str]:
-    """All files of one data path → (internal rows, dropped counts, detected format)."""
+                num_proc: Optional[int], where: str, roles: Optional[dict[str, str]] = None
+                ) -> tuple[Dataset, Counter, str]:
+    """All files of one data path → (internal rows, dropped counts, detected format). `roles`: this source's own
+    role names → ours (a registry entry's tags)."""
     formats.check_format(fmt, where)
+    formats.check_stage(fmt, where)
     files = resolve(path, where)
     raws: list[tuple[str, Dataset]] = []
     dropped: Counter = Counter()
@@ -241,18 +245,20 @@ def load_source(path: str, fmt: str, columns: dict[str, str], *, on_bad_record: 
         if max_samples is not None:
             raw = raw.select(range(min(max_samples, len(raw))))
         file_fmt = fmt if fmt != "auto" else formats.detect(raw.column_names, columns, f"{where} ({src})")
+        formats.check_stage(file_fmt, f"{where} ({src})")
         detected.add(file_fmt)
-        features = formats.PREFERENCE_FEATURES if file_fmt == "preference" else formats.SFT_FEATURES
+        features = formats.PREFERENCE_FEATURES if file_fmt in formats.PREFERENCE else formats.SFT_FEATURES
         converted = raw.map(
             formats.convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
             features=features, num_proc=procs(num_proc, len(raw)),
-            fn_kwargs={"fmt": file_fmt, "columns": dict(columns), "src": src},
-            new_fingerprint=fingerprint(raw._fingerprint, file_fmt, sorted(columns.items()), src, code),
+            fn_kwargs={"fmt": file_fmt, "columns": dict(columns), "roles": dict(roles or {}), "src": src},
+            new_fingerprint=fingerprint(raw._fingerprint, file_fmt, sorted(columns.items()),
+                                        sorted((roles or {}).items()), src, code),
             desc=f"Reading {Path(src).name}")
         kept, bad = settle(converted, on_bad_record)
         parts.append(kept)
         dropped += bad
-    if len({f == "preference" for f in detected}) > 1:
+    if len({f in formats.PREFERENCE for f in detected}) > 1:
         raise UserError(f"{where}: {path} mixes preference data with SFT data; keep them in separate paths")
     if max_samples is not None:
         parts = [datasets.concatenate_datasets(parts).select(range(min(max_samples, sum(map(len, parts)))))]
@@ -272,23 +278,52 @@ def weighted(ds: Dataset, weight: float, seed: int, where: str) -> Dataset:
     return ds.select(indices.tolist())
 
 
+@dataclass(frozen=True)
+class Source:
+    """One training source: data.path, an entry of the data.name registry, or a data.mix item."""
+
+    where: str
+    path: str
+    fmt: str
+    columns: dict[str, str]
+    weight: float = 1.0
+    roles: dict[str, str] = field(default_factory=dict)
+    samples: Optional[int] = None  # exactly this many examples (a registry's num_samples)
+
+
+def sources(data: Any) -> list[Source]:
+    """The recipe's training sources. data.name replaces data.path (recipes name a sample set in data.path;
+    naming registry entries means other data); data.mix adds to either."""
+    if data.name and not data.dir:
+        raise UserError(f"data.name={data.name} needs data.dir=DIR, the folder holding dataset_info.json "
+                        "(LLaMA-Factory's dataset_dir, usually its data/)")
+    found = [Source("data.path", data.path, data.format, data.columns)] if data.path and not data.name else []
+    for name in (n.strip() for n in str(data.name or "").split(",") if n.strip()):
+        entry = registry.entry(data.dir, name)
+        found.append(Source(f"data.name={name}", entry.path, entry.format, entry.columns, roles=entry.roles,
+                            samples=entry.num_samples))
+    found += [Source(f"data.mix[{i}]", m.path, m.format, data.columns, m.weight) for i, m in enumerate(data.mix)]
+    if not found:
+        raise UserError("no training data: set data.path=FILE|DIR|GLOB|HUB_ID, or data.name=NAME data.dir=DIR "
+                        "for a dataset_info.json registry (see data/README.md for the formats)")
+    return found
+
+
 def load_splits(recipe: Any) -> tuple[datasets.DatasetDict, Counter, bool]:
-    """The recipe's data as internal rows: "train" (data.path + data.mix, weighted) and "eval" when asked for;
-    also the dropped counts and whether the data is preference data."""
+    """The recipe's data as internal rows: "train" (every source, weighted) and "eval" when asked for; also the
+    dropped counts and whether the data is preference data."""
     data = recipe.data
-    sources = ([("data.path", data.path, 1.0, data.format)] if data.path else []) + [
-        (f"data.mix[{i}]", m.path, m.weight, m.format) for i, m in enumerate(data.mix)]
-    if not sources:
-        raise UserError("no training data: set data.path=FILE|DIR|GLOB|HUB_ID (see data/README.md for the formats)")
     common = {"on_bad_record": data.on_bad_record, "num_proc": data.num_proc}
     parts, dropped, kinds = [], Counter(), set()
-    for i, (where, path, weight, fmt) in enumerate(sources):
-        ds, bad, detected = load_source(path, fmt, data.columns, max_samples=data.max_samples, where=where, **common)
-        parts.append(weighted(ds, weight, recipe.seed + i, where))
+    for i, source in enumerate(sources(data)):
+        ds, bad, detected = load_source(source.path, source.fmt, source.columns, max_samples=data.max_samples,
+                                        where=source.where, roles=source.roles, **common)
+        weight = source.samples / len(ds) if source.samples and len(ds) else source.weight
+        parts.append(weighted(ds, weight, recipe.seed + i, source.where))
         dropped += bad
-        kinds.add(detected == "preference")
+        kinds.add(detected in formats.PREFERENCE)
     if len(kinds) > 1:
-        raise UserError("data.mix combines preference data (prompt/chosen/rejected) with SFT data; "
+        raise UserError("the training sources combine preference data (prompt/chosen/rejected) with SFT data; "
                         "a run trains one stage: keep one kind per recipe")
     train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     splits = {"train": train}

@@ -19,8 +19,10 @@ table whose columns are built whole, instead of `datasets` inspecting and conver
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import itertools
+import json
 from collections import Counter
 from pathlib import Path
 from typing import Any, Optional
@@ -50,11 +52,18 @@ def fit(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[
     return input_ids[:cut], labels[:cut], "truncated"
 
 
-def with_system(messages: list[dict[str, str]], system_prompt: Optional[str]) -> list[dict[str, str]]:
+def with_system(messages: list[dict[str, Any]], system_prompt: Optional[str]) -> list[dict[str, Any]]:
     """The recipe's data.system_prompt for conversations that bring none (else the template's own default)."""
     if system_prompt and messages[0]["role"] != "system":
         return [{"role": "system", "content": system_prompt}, *messages]
     return messages
+
+
+@functools.lru_cache(maxsize=256)
+def tools_of(text: Optional[str]) -> Optional[list]:
+    """A row's `tools` column (JSON text, formats.py) as the list the templates take; rows of one dataset often
+    share one tool set, so it is parsed once."""
+    return json.loads(text) if text else None
 
 
 def tokenizer_hash(tokenizer: Any) -> str:
@@ -124,14 +133,15 @@ def render_batch(batch: dict[str, list], *, template: str, tokenizer: Any, max_l
     chunks = dict(zip(texts, _text_rows([batch["messages"][i][0]["content"] for i in texts], tokenizer,
                                         max_length))) if texts else {}
     conversations = {i: with_system(m, system_prompt) for i, m in enumerate(batch["messages"]) if i not in chunks}
-    tokens = templates.tokenize(template, tokenizer, list(conversations.values()))
-    for i, messages in enumerate(batch["messages"]):
+    tools = {i: tools_of(batch["tools"][i]) for i in conversations}
+    tokens = templates.tokenize(template, tokenizer, list(conversations.values()), list(tools.values()))
+    for i in range(len(batch["messages"])):
         if i in chunks:
             for ids, labels in chunks[i]:
                 emit(ids, labels, i)
             continue
         try:
-            encoded = encode_conversation(template, tokenizer, conversations[i], tokens)
+            encoded = encode_conversation(template, tokenizer, conversations[i], tokens, tools[i])
         except ValueError as exc:
             emit([], [], i, "template", f"the {template} template refuses this conversation: {exc}")
             continue
@@ -150,10 +160,11 @@ PREFERENCE_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "_src", "_row"
                       "_length")
 
 
-def _completion(template: str, tokenizer: Any, prompt: list[dict[str, str]], prompt_ids: list[int],
-                answer: str) -> list[int]:
+def _completion(template: str, tokenizer: Any, prompt: list[dict[str, Any]], prompt_ids: list[int],
+                answer: str, tools: Optional[list]) -> list[int]:
     """The answer's ids as the template renders them after `prompt_ids`, up to its last trained token."""
-    encoded = encode_conversation(template, tokenizer, [*prompt, {"role": "assistant", "content": answer}])
+    encoded = encode_conversation(template, tokenizer, [*prompt, {"role": "assistant", "content": answer}],
+                                  tools=tools)
     ids, labels = list(encoded.input_ids), list(encoded.labels)
     if ids[:len(prompt_ids)] != prompt_ids:
         raise ValueError("the prompt is tokenized differently when the answer follows it")
@@ -168,10 +179,11 @@ def render_preference_batch(batch: dict[str, list], *, template: str, tokenizer:
     for i, prompt in enumerate(batch["prompt"]):
         prompt = with_system(prompt, system_prompt)
         drop, why, truncated = "", "", False
+        tools = tools_of(batch["tools"][i])
         try:
-            prompt_ids = list(encode_prompt(template, tokenizer, prompt))
-            chosen = _completion(template, tokenizer, prompt, prompt_ids, batch["chosen"][i])
-            rejected = _completion(template, tokenizer, prompt, prompt_ids, batch["rejected"][i])
+            prompt_ids = list(encode_prompt(template, tokenizer, prompt, tools))
+            chosen = _completion(template, tokenizer, prompt, prompt_ids, batch["chosen"][i], tools)
+            rejected = _completion(template, tokenizer, prompt, prompt_ids, batch["rejected"][i], tools)
         except ValueError as exc:
             prompt_ids, chosen, rejected = [], [], []
             drop, why = "template", f"the {template} template refuses this record: {exc}"

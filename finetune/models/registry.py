@@ -54,14 +54,18 @@ class Family:
     display: str
     native_class: str  # transformers class a checkpoint becomes (loaded without remote code)
     converter: Optional[str]  # module under finetune.models.convert, None when the original is native
-    template: str  # chat format name (finetune.models.templates)
     lora_targets: tuple[str, ...]  # module names in the NATIVE model
-    stop_tokens: tuple[str, ...]  # what an inference server must stop on (reference/chat_formats.md)
+    stop_tokens: tuple[str, ...]  # what an inference server stops on, in chat_formats.md's order (templates reads them)
     license: str
     commercial_use: str
     languages: tuple[str, ...]
     strengths: str
     models: tuple[Model, ...]
+
+    @property
+    def template(self) -> str:
+        """The chat format (finetune.models.templates): each family has its own, under the family's name."""
+        return self.name
 
 
 @dataclass(frozen=True)
@@ -114,7 +118,7 @@ def _v(name: str, hf: str, ms: Optional[str], **kw) -> Variant:
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="chatglm3", display="ChatGLM3", native_class="GlmForCausalLM", converter="chatglm3",
-        template="chatglm3", lora_targets=GLM_TARGETS, stop_tokens=("</s>", "<|user|>", "<|observation|>"),
+        lora_targets=GLM_TARGETS, stop_tokens=("</s>", "<|user|>", "<|observation|>"),
         license="ChatGLM3-6B License", commercial_use="after free registration",
         languages=("zh", "en"), strengths="strong Chinese dialogue, tool calls; 8k context (32k variant)",
         models=(
@@ -129,7 +133,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="baichuan2", display="Baichuan2", native_class="LlamaForCausalLM", converter="baichuan2",
-        template="baichuan2", lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("</s>",),
+        lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("</s>",),
         license="Baichuan 2 Model Community License", commercial_use="after written authorization (apply by email)",
         languages=("zh", "en"), strengths="strong Chinese knowledge and writing; 4k context",
         models=(
@@ -148,8 +152,8 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen1", display="Qwen (1)", native_class="Qwen2ForCausalLM", converter="qwen1",
-        template="qwen1", lora_targets=LLAMA_STYLE_TARGETS,
-        stop_tokens=("<|im_end|>", "<|im_start|>", "<|endoftext|>"),
+        lora_targets=LLAMA_STYLE_TARGETS,
+        stop_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
         license="Tongyi Qianwen License", commercial_use="yes; above 100M monthly users apply for a license",
         languages=("zh", "en"), strengths="Chinese and English, code; superseded by Qwen2.5",
         models=(
@@ -162,7 +166,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen2_5", display="Qwen2.5", native_class="Qwen2ForCausalLM", converter=None,
-        template="qwen2_5", lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("<|im_end|>", "<|endoftext|>"),
+        lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("<|im_end|>", "<|endoftext|>"),
         license="Apache-2.0", commercial_use="yes",
         languages=("zh", "en"), strengths="best all-round Chinese/English quality per GB; 32k context",
         models=(
@@ -191,7 +195,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="llama2", display="Llama-2", native_class="LlamaForCausalLM", converter=None,
-        template="llama2", lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("</s>",),
+        lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("</s>",),
         license="Llama 2 Community License", commercial_use="yes; above 700M monthly users ask Meta",
         languages=("en",), strengths="English; for Chinese use the hfl Chinese-LLaMA-2 variant (zh)",
         models=(

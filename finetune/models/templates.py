@@ -1,27 +1,41 @@
 """The five chat formats, token for token: training encodings with labels, inference prompts, and the same
 format as a Hugging Face chat template and as an Ollama TEMPLATE (reference/chat_formats.md, DECISIONS.md).
 
-Each format is one `ChatFormat` row. Its `render` turns a validated conversation into `Part`s: a special token,
-or a text that the ORIGINAL code encodes in one call (ChatGLM3, Baichuan2 and Qwen-1 encode role, newline and
-content separately; Llama-2 one string per exchange; Qwen2.5 the whole rendered text). One generic encoder turns
-parts into ids, and labels from the trained character spans (DECISIONS.md "Training labels"): a token is trained
-when it starts inside a trained span. Labels are aligned with input_ids (the model shifts).
+Each format is one `ChatFormat` row. Its `render` (finetune.models.chat_parts) turns a validated conversation into
+`Part`s as the ORIGINAL chat code lays it out; one generic encoder turns parts into ids, and labels from the trained
+character spans (DECISIONS.md "Training labels"): a token is trained when it starts inside a trained span. Labels
+are aligned with input_ids (the model shifts). The HF chat template and Ollama TEMPLATE of each format are in
+finetune.models.text_templates; stop tokens are the registry's (`Family.stop_tokens`).
 Speed: a conversation's texts are tokenized in one batched call, or a whole batch of conversations' texts at once
 (`tokenize`, then `encode_conversation(..., tokens=)`), and labels are set per part and trained span by slicing,
 never by a Python loop over tokens.
-The HF and Ollama templates are text, tokenized jointly: for Qwen-1 that equals make_context's ids except when a
-content starts with a newline ("\n\n" merges); special-token strings inside contents become tokens there, while
-the official code (and so encode_*) keeps them as text for chatglm3, qwen1 and llama2.
+
+Tools: a conversation may carry `tools` (a list of function schemas, bare or OpenAI's {"type": "function",
+"function": ...}), assistant messages `tool_calls` ([{"name", "arguments"}] or OpenAI's {"function": {...}} with
+arguments as an object or its JSON text) and `tool` messages (results); chat_parts renders them where the family has
+a tool format, and a conversation with tools is refused (ValueError naming why) where it has none.
+
+Segments: encode_* reproduce each original's segment boundaries, so contents that start or end with whitespace or
+newlines get the original ids. The HF and Ollama templates are text, tokenized jointly, and cannot express a
+boundary without a token: for Qwen-1 joint tokenization differs from make_context when a content's leading
+whitespace holds a line break ("\\n" + "\\nHi" merges into "\\n\\n"); Llama-2's Ollama TEMPLATE cannot strip
+contents as Meta does (Go templates have no trim), so there a content with leading or trailing whitespace differs.
+Special-token strings inside contents become tokens there, while the official code (and so encode_*) keeps them as
+text for chatglm3, qwen1 and llama2. Tools render only through encode_* and the Qwen2.5 HF template (ChatGLM3's
+call is Python repr text, which jinja and Go cannot reproduce exactly; the other HF templates refuse tools).
 """
 
 from __future__ import annotations
 
 import bisect
+import json
 from dataclasses import dataclass, field
-from typing import Any, Callable, NamedTuple, Optional
+from typing import Any, Callable, Optional
+
+from finetune.models import chat_parts, registry, text_templates
+from finetune.models.chat_parts import NO_TOOLS, QWEN1_SYSTEM, QWEN2_5_SYSTEM, Message, Part, Tools, Turns
 
 IGNORE = -100
-Message = dict  # {"role": "system" | "user" | "assistant", "content": str}
 
 
 @dataclass(frozen=True)
@@ -30,185 +44,23 @@ class Encoded:
     labels: list[int]
 
 
-class Part(NamedTuple):
-    """A special token (by its string), or a text encoded in ONE tokenizer call. (A tuple: a batch of 100k
-    conversations makes millions of them.)"""
-
-    text: str = ""
-    special: Optional[str] = None
-    train: tuple[tuple[int, int], ...] = ()  # character spans of `text` whose tokens are trained
-    trained: bool = False  # a special token whose own id is its label
-    label: Optional[str] = None  # a special token labelled with ANOTHER token (Baichuan2: eos under a user token)
-
-
-def _tok(special: str, trained: bool = False, label: Optional[str] = None) -> Part:
-    return Part(special=special, trained=trained, label=label)
-
-
-def _text(text: str, trained: bool = False) -> Part:
-    return Part(text=text, train=((0, len(text)),) if trained else ())
-
-
-Turns = list[Message]  # alternating user/assistant, starting with user
-
-
-def _chatglm3(system: Optional[str], turns: Turns) -> list[Part]:
-    # build_chat_input / finetune_demo process_batch: <|role|> + sp("\n") + sp(content); the token after an
-    # answer (<|user|> or the final eos) is trained, <|assistant|> is not.
-    parts = [_tok("[gMASK]"), _tok("sop")]
-    if system is not None:
-        parts += [_tok("<|system|>"), _text("\n"), _text(system)]
-    for i, m in enumerate(turns):
-        if m["role"] == "user":
-            parts += [_tok("<|user|>", trained=i > 0), _text("\n"), _text(m["content"])]
-        else:
-            parts += [_tok("<|assistant|>"), _text("\n", trained=True), _text(m["content"], trained=True)]
-    return parts + [_tok("<|assistant|>") if turns[-1]["role"] == "user" else _tok("</s>", trained=True)]
-
-
-def _baichuan2(system: Optional[str], turns: Turns) -> list[Part]:
-    # generation_utils.build_chat_input: raw system, 195 + user, 196 + answer; fine-tune.py: eos is the label at
-    # the position after each answer (the next 195), eos appended at the end.
-    parts = [_text(system)] if system is not None else []
-    for i, m in enumerate(turns):
-        if m["role"] == "user":
-            parts += [_tok("<reserved_106>", label="</s>" if i > 0 else None), _text(m["content"])]
-        else:
-            parts += [_tok("<reserved_107>"), _text(m["content"], trained=True)]
-    return parts + [_tok("<reserved_107>") if turns[-1]["role"] == "user" else _tok("</s>", trained=True)]
-
-
-def _qwen1(system: Optional[str], turns: Turns) -> list[Part]:
-    # make_context: role, "\n" and content encoded separately; content + <|im_end|> trained, not the "\n" after.
-    parts = []
-    for m in [{"role": "system", "content": system}, *turns]:
-        answer = m["role"] == "assistant"
-        parts += [_tok("<|im_start|>"), _text(m["role"]), _text("\n"), _text(m["content"], trained=answer),
-                  _tok("<|im_end|>", trained=answer), _text("\n")]
-    if turns[-1]["role"] == "user":
-        parts += [_tok("<|im_start|>"), _text("assistant"), _text("\n")]
-    return parts
-
-
-def _qwen2_5(system: Optional[str], turns: Turns) -> list[Part]:
-    # The official chat_template's text, tokenized as ONE string.
-    text, spans = "", []
-    for m in [{"role": "system", "content": system}, *turns]:
-        text += f"<|im_start|>{m['role']}\n"
-        if m["role"] == "assistant":
-            spans.append((len(text), len(text) + len(m["content"]) + len("<|im_end|>")))
-        text += f"{m['content']}<|im_end|>\n"
-    if turns[-1]["role"] == "user":
-        text += "<|im_start|>assistant\n"
-    return [Part(text=text, train=tuple(spans))]
-
-
-def _llama2(system: Optional[str], turns: Turns) -> list[Part]:
-    # Meta's chat_completion: [BOS] + sp(f"[INST] {user} [/INST] {answer} ") + [EOS] per exchange; the system
-    # merged into the first user message. Trained: the answer (from its leading space), the space, </s>.
-    users = [m["content"] for m in turns[0::2]]
-    if system is not None:
-        users[0] = f"<<SYS>>\n{system}\n<</SYS>>\n\n{users[0]}"
-    parts = []
-    for i, user in enumerate(users):
-        prompt = f"[INST] {user.strip()} [/INST]"
-        if 2 * i + 1 < len(turns):
-            answer = f" {turns[2 * i + 1]['content'].strip()} "
-            parts += [_tok("<s>"), Part(text=prompt + answer, train=((len(prompt), len(prompt + answer)),)),
-                      _tok("</s>", trained=True)]
-        else:
-            parts += [_tok("<s>"), _text(prompt)]
-    return parts
-
-
-def _chatml_jinja(default_system: str) -> str:
-    return (
-        "{%- if messages[0]['role'] == 'system' -%}{%- set sys = messages[0]['content'] -%}"
-        "{%- set msgs = messages[1:] -%}{%- else -%}{%- set sys = '" + default_system + "' -%}"
-        "{%- set msgs = messages -%}{%- endif -%}"
-        "{{- '<|im_start|>system\\n' + sys + '<|im_end|>\\n' -}}"
-        "{%- for m in msgs -%}{%- if m['role'] == 'user' -%}"
-        "{{- '<|im_start|>user\\n' + m['content'] + '<|im_end|>\\n' -}}"
-        "{%- else -%}{{- '<|im_start|>assistant\\n' -}}"
-        "{%- generation -%}{{- m['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
-        "{%- endif -%}{%- endfor -%}"
-        "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}"
-    )
-
-
-def _chatml_ollama(default_system: str) -> str:
-    return (
-        "<|im_start|>system\n{{ if .System }}{{ .System }}{{ else }}" + default_system + "{{ end }}<|im_end|>\n"
-        '{{ range .Messages }}{{ if eq .Role "user" }}<|im_start|>user\n{{ .Content }}<|im_end|>\n'
-        '{{ else if eq .Role "assistant" }}<|im_start|>assistant\n{{ .Content }}<|im_end|>\n{{ end }}{{ end }}'
-        "<|im_start|>assistant\n"
-    )
-
-
-# A system message first becomes `sys`; the other messages are `msgs`.
-_SPLIT_SYSTEM = ("{%- if messages[0]['role'] == 'system' -%}{%- set sys = messages[0]['content'] -%}"
-                 "{%- set msgs = messages[1:] -%}{%- else -%}{%- set sys = none -%}{%- set msgs = messages -%}"
-                 "{%- endif -%}")
-
-
 @dataclass(frozen=True)
 class ChatFormat:
-    name: str
-    render: Callable[[Optional[str], Turns], list[Part]]
+    name: str  # = the registry family's name
+    render: Callable[[Optional[str], Turns, Tools], list[Part]]  # tools only where no_tools is None
     default_system: Optional[str]
     plain_contents: bool  # special-token strings in texts stay plain text, as the official chat code encodes them
-    stops: tuple[str, ...]  # "Stop tokens for an inference server" (chat_formats.md), ids in the same order
-    hf: str  # jinja chat template; {% generation %} marks the trained spans
-    ollama: str  # Go text/template for a Modelfile (reads .System and .Messages, ends with the generation prompt)
     reserved: tuple[str, ...] = ()  # strings the original refuses inside contents
+    no_tools: Optional[str] = None  # why this format cannot render tools (None: it can)
 
-
-QWEN1_SYSTEM = "You are a helpful assistant."
-QWEN2_5_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 
 FORMATS: dict[str, ChatFormat] = {f.name: f for f in (
-    ChatFormat(
-        "chatglm3", _chatglm3, None, plain_contents=True, stops=("</s>", "<|user|>", "<|observation|>"),
-        hf=_SPLIT_SYSTEM + "{{- '[gMASK]sop' -}}{%- if sys is not none -%}{{- '<|system|>\\n ' + sys -}}{%- endif -%}"
-           "{%- for m in msgs -%}{%- if m['role'] == 'user' -%}"
-           "{%- if loop.first -%}{{- '<|user|>' -}}{%- endif -%}{{- '\\n ' + m['content'] -}}"
-           "{%- else -%}{{- '<|assistant|>' -}}{%- generation -%}"
-           "{{- '\\n ' + m['content'] + ('</s>' if loop.last else '<|user|>') -}}{%- endgeneration -%}"
-           "{%- endif -%}{%- endfor -%}{%- if add_generation_prompt -%}{{- '<|assistant|>' -}}{%- endif -%}",
-        ollama="[gMASK]sop{{ if .System }}<|system|>\n {{ .System }}{{ end }}"
-               '{{ range .Messages }}{{ if eq .Role "user" }}<|user|>\n {{ .Content }}'
-               '{{ else if eq .Role "assistant" }}<|assistant|>\n {{ .Content }}{{ end }}{{ end }}<|assistant|>'),
-    ChatFormat(
-        "baichuan2", _baichuan2, None, plain_contents=False, stops=("</s>",),
-        hf=_SPLIT_SYSTEM + "{%- if sys is not none -%}{{- sys -}}{%- endif -%}"
-           "{%- for m in msgs -%}{%- if m['role'] == 'user' -%}{{- '<reserved_106>' + m['content'] -}}"
-           "{%- else -%}{{- '<reserved_107>' -}}{%- generation -%}"
-           "{{- m['content'] + ('</s>' if loop.last else '') -}}{%- endgeneration -%}{%- endif -%}{%- endfor -%}"
-           "{%- if add_generation_prompt -%}{{- '<reserved_107>' -}}{%- endif -%}",
-        ollama='{{ if .System }}{{ .System }}{{ end }}{{ range .Messages }}{{ if eq .Role "user" }}'
-               '<reserved_106>{{ .Content }}{{ else if eq .Role "assistant" }}<reserved_107>{{ .Content }}'
-               "{{ end }}{{ end }}<reserved_107>"),
-    ChatFormat(
-        "qwen1", _qwen1, QWEN1_SYSTEM, plain_contents=True,
-        stops=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
-        hf=_chatml_jinja(QWEN1_SYSTEM), ollama=_chatml_ollama(QWEN1_SYSTEM)),
-    ChatFormat(
-        "qwen2_5", _qwen2_5, QWEN2_5_SYSTEM, plain_contents=False, stops=("<|im_end|>", "<|endoftext|>"),
-        hf=_chatml_jinja(QWEN2_5_SYSTEM), ollama=_chatml_ollama(QWEN2_5_SYSTEM)),
-    ChatFormat(
-        "llama2", _llama2, None, plain_contents=True, stops=("</s>",),
-        reserved=("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>"),
-        hf="{%- if messages[0]['role'] == 'system' -%}"
-           "{%- set msgs = [{'role': 'user', 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n'"
-           " + messages[1]['content']}] + messages[2:] -%}{%- else -%}{%- set msgs = messages -%}{%- endif -%}"
-           "{%- for m in msgs -%}{%- if m['role'] == 'user' -%}"
-           "{{- '<s>[INST] ' + m['content'] | trim + ' [/INST]' -}}"
-           "{%- else -%}{%- generation -%}{{- ' ' + m['content'] | trim + ' </s>' -}}{%- endgeneration -%}"
-           "{%- endif -%}{%- endfor -%}",
-        ollama='{{ $first := true }}{{ range .Messages }}{{ if eq .Role "user" }}{{ if $first }}[INST] '
-               "{{ if $.System }}<<SYS>>\n{{ $.System }}\n<</SYS>>\n\n{{ end }}{{ .Content }} [/INST]"
-               "{{ $first = false }}{{ else }}<s>[INST] {{ .Content }} [/INST]{{ end }}"
-               '{{ else if eq .Role "assistant" }} {{ .Content }} </s>{{ end }}{{ end }}'),
+    ChatFormat("chatglm3", chat_parts.chatglm3, None, plain_contents=True),
+    ChatFormat("baichuan2", chat_parts.baichuan2, None, plain_contents=False, no_tools=NO_TOOLS["baichuan2"]),
+    ChatFormat("qwen1", chat_parts.qwen1, QWEN1_SYSTEM, plain_contents=True, no_tools=NO_TOOLS["qwen1"]),
+    ChatFormat("qwen2_5", chat_parts.qwen2_5, QWEN2_5_SYSTEM, plain_contents=False),
+    ChatFormat("llama2", chat_parts.llama2, None, plain_contents=True, no_tools=NO_TOOLS["llama2"],
+               reserved=("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")),
 )}
 
 
@@ -223,32 +75,82 @@ def default_system(template: str) -> Optional[str]:
     return chat_format(template).default_system
 
 
-def _split(fmt: ChatFormat, messages: list[Message], last: str) -> tuple[Optional[str], Turns]:
-    """Validate a conversation: optional system first, then user/assistant alternating, ending with `last`."""
+FOLLOWS = {"user": ("assistant",), "assistant": ("user",), "call": ("tool",), "tool": ("tool", "assistant")}
+"""Which roles may follow a turn: a user turn, an answer, an assistant turn with tool calls, a tool result."""
+
+
+def _calls(n: int, m: Message) -> list[tuple[str, dict]]:
+    """(name, arguments) of an assistant message's tool calls; arguments given as JSON text are parsed."""
+    calls = []
+    for i, call in enumerate(m.get("tool_calls") or ()):
+        fn = call.get("function", call) if isinstance(call, dict) else {}
+        name, arguments = fn.get("name"), fn.get("arguments")
+        if isinstance(arguments, str):
+            try:
+                arguments = json.loads(arguments)
+            except json.JSONDecodeError:
+                pass
+        if not isinstance(name, str) or not name or not isinstance(arguments, dict):
+            raise ValueError(f"message {n}: tool_calls[{i}] needs a name and arguments as a JSON object")
+        calls.append((name, arguments))
+    return calls
+
+
+def _turn(fmt: ChatFormat, n: int, m: Message) -> Message:
+    """One checked message; an assistant message with tool calls becomes {role, content, calls}."""
+    if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant", "tool"):
+        raise ValueError(f"message {n}: role must be system, user, assistant or tool")
+    calls = _calls(n, m) if m["role"] == "assistant" else []
+    if m.get("tool_calls") and m["role"] != "assistant":
+        raise ValueError(f"message {n} ({m['role']}): only assistant messages make tool calls")
+    content = m.get("content")
+    if calls and content is None:
+        content = ""
+    if not isinstance(content, str):
+        raise ValueError(f"message {n} ({m['role']}): content must be text")
+    if not content.strip() and not calls and m["role"] != "tool":
+        raise ValueError(f"message {n} ({m['role']}): empty content")
+    for tag in fmt.reserved:
+        if tag in content:
+            raise ValueError(f"message {n} ({m['role']}): contains {tag!r}, reserved by the {fmt.name} format")
+    return {"role": "assistant", "content": content, "calls": calls} if calls else m
+
+
+def _check_tools(fmt: ChatFormat, turns: Turns, tools: Tools) -> None:
+    if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
+        raise ValueError("tools must be a list of function schemas (JSON objects)")
+    if fmt.no_tools and (tools or any(m["role"] == "tool" or m.get("calls") for m in turns)):
+        raise ValueError(fmt.no_tools)
+    for i, tool in enumerate(tools or ()):
+        if not isinstance(chat_parts.function_schema(tool).get("name"), str):
+            raise ValueError(f"tools[{i}] has no name")
+    if fmt.name == "chatglm3" and any(len(m.get("calls", ())) > 1 for m in turns):
+        raise ValueError("ChatGLM3 makes one tool call per assistant turn (its official format); "
+                         "split parallel calls into consecutive call/result turns")
+
+
+def _split(fmt: ChatFormat, messages: list[Message], tools: Tools, last: tuple[str, ...]
+           ) -> tuple[Optional[str], Turns, Tools]:
+    """Validate a conversation: optional system first, then user first, each turn followed by a role FOLLOWS
+    allows, ending with a role in `last`; tools only where the format has a tool format."""
     if not messages:
         raise ValueError("empty conversation")
-    for n, m in enumerate(messages, 1):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise ValueError(f"message {n}: role must be system, user or assistant")
-        if not isinstance(m.get("content"), str):
-            raise ValueError(f"message {n} ({m['role']}): content must be text")
-        if not m["content"].strip():
-            raise ValueError(f"message {n} ({m['role']}): empty content")
-        for tag in fmt.reserved:
-            if tag in m["content"]:
-                raise ValueError(f"message {n} ({m['role']}): contains {tag!r}, reserved by the {fmt.name} format")
-    system = messages[0]["content"] if messages[0]["role"] == "system" else fmt.default_system
-    turns = messages[1:] if messages[0]["role"] == "system" else messages
+    turns = [_turn(fmt, n, m) for n, m in enumerate(messages, 1)]
+    system = turns[0]["content"] if turns[0]["role"] == "system" else fmt.default_system
+    turns = turns[1:] if turns[0]["role"] == "system" else turns
     first = len(messages) - len(turns) + 1
+    expected: tuple[str, ...] = ("user",)
     for n, m in enumerate(turns):
-        expected = ("user", "assistant")[n % 2]
-        if m["role"] != expected:
-            raise ValueError(f"message {first + n}: expected role {expected!r}, got {m['role']!r} "
-                             f"(after an optional system message, user and assistant alternate)")
-    if not turns or turns[-1]["role"] != last:
-        end = "an assistant answer" if last == "assistant" else "a user message"
+        if m["role"] not in expected:
+            raise ValueError(f"message {first + n}: expected role {' or '.join(map(repr, expected))}, got "
+                             f"{m['role']!r} (after an optional system message, user and assistant alternate; "
+                             "tool results follow an assistant's tool calls)")
+        expected = FOLLOWS["call" if m.get("calls") else m["role"]]
+    if not turns or turns[-1]["role"] not in last:
+        end = "an assistant answer" if last == ("assistant",) else "a user message or tool results"
         raise ValueError(f"the conversation must end with {end}")
-    return system, list(turns)
+    _check_tools(fmt, turns, tools)
+    return system, turns, tools
 
 
 def _token_id(fmt: ChatFormat, tokenizer, token: str) -> int:
@@ -326,57 +228,64 @@ def _tokens(fmt: ChatFormat, tokenizer, tokens: Optional[Tokens]) -> Tokens:
     return tokens
 
 
-def tokenize(template: str, tokenizer, conversations: list[list[Message]]) -> Tokens:
+def tokenize(template: str, tokenizer, conversations: list[list[Message]], tools: Optional[list[Tools]] = None
+             ) -> Tokens:
     """Every text of these training conversations tokenized in ONE batched call (the tokenizer's own batch path,
-    with its threads), for `encode_conversation(..., tokens=)` on the same, unchanged conversation objects.
-    Conversations the format refuses are skipped here; encode_conversation raises for them."""
+    with its threads), for `encode_conversation(..., tokens=)` on the same, unchanged conversation objects (and
+    the same tools: `tools[i]` belongs to `conversations[i]`). Conversations the format refuses are skipped here;
+    encode_conversation raises for them."""
     fmt = chat_format(template)
     tokens = Tokens(fmt.name, tokenizer)
-    for messages in conversations:
+    for messages, conversation_tools in zip(conversations, tools or [None] * len(conversations)):
         try:
-            tokens.rendered[id(messages)] = (messages, fmt.render(*_split(fmt, messages, last="assistant")))
+            parts = fmt.render(*_split(fmt, messages, conversation_tools, last=("assistant",)))
         except ValueError:
             continue
+        tokens.rendered[id(messages)] = (messages, parts)
     tokens.add(fmt, [part for _, parts in tokens.rendered.values() for part in parts])
     return tokens
 
 
-def encode_conversation(template: str, tokenizer, messages: list[Message], tokens: Optional[Tokens] = None
-                        ) -> Encoded:
-    """The training encoding of a conversation that ends with an assistant answer: the official ids, and labels
-    on every answer and on the token that ends it (-100 elsewhere). Raises ValueError for a malformed one.
-    `tokens` (from `tokenize`) holds it already rendered and tokenized, batched with other conversations."""
+def encode_conversation(template: str, tokenizer, messages: list[Message], tokens: Optional[Tokens] = None,
+                        tools: Tools = None) -> Encoded:
+    """The training encoding of a conversation that ends with an assistant answer (or tool call): the official
+    ids, and labels on every answer and call and on the token that ends it (-100 elsewhere, tool results
+    included). Raises ValueError for a malformed one. `tokens` (from `tokenize`) holds it already rendered and
+    tokenized, batched with other conversations."""
     fmt = chat_format(template)
     tokens = _tokens(fmt, tokenizer, tokens)
     held, parts = tokens.rendered.get(id(messages), (None, None))
     if held is not messages:
-        parts = fmt.render(*_split(fmt, messages, last="assistant"))
+        parts = fmt.render(*_split(fmt, messages, tools, last=("assistant",)))
     return _encode(fmt, tokens, parts)
 
 
-def encode_prompt(template: str, tokenizer, messages: list[Message]) -> list[int]:
-    """The inference prompt (history + last user turn + generation prompt) as the official chat code builds it."""
+def encode_prompt(template: str, tokenizer, messages: list[Message], tools: Tools = None) -> list[int]:
+    """The inference prompt (history + last user turn or tool results + generation prompt) as the official chat
+    code builds it."""
     fmt = chat_format(template)
-    return _encode(fmt, Tokens(fmt.name, tokenizer), fmt.render(*_split(fmt, messages, last="user"))).input_ids
+    parts = fmt.render(*_split(fmt, messages, tools, last=("user", "tool")))
+    return _encode(fmt, Tokens(fmt.name, tokenizer), parts).input_ids
 
 
 def hf_chat_template(template: str) -> str:
     """Jinja for `tokenizer.chat_template`: with add_generation_prompt it renders the Ollama template's text
     (Llama-2: plus the first <s>, which llama.cpp adds itself); a conversation ending with an answer renders its
     training text, {% generation %} around the trained spans."""
-    return chat_format(template).hf
+    return text_templates.HF[chat_format(template).name]
 
 
 def ollama_template(template: str) -> str:
     """The TEMPLATE of an Ollama Modelfile (Go text/template over .System and .Messages)."""
-    return chat_format(template).ollama
+    return text_templates.OLLAMA[chat_format(template).name]
 
 
 def ollama_stop_strings(template: str) -> list[str]:
-    return list(chat_format(template).stops)
+    """The family's stop tokens (registry), as Modelfile `PARAMETER stop` strings."""
+    return list(registry.family(chat_format(template).name).stop_tokens)
 
 
 def stop_token_ids(template: str, tokenizer) -> list[int]:
     """Ids an inference server must stop on (chatglm3 [2, 64795, 64797], qwen2_5 [151645, 151643], ...)."""
     fmt = chat_format(template)
-    return [_token_id(fmt, tokenizer, s) for s in fmt.stops]
+    return [_token_id(fmt, tokenizer, s) for s in registry.family(fmt.name).stop_tokens]

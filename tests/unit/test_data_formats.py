@@ -11,7 +11,14 @@ from finetune import config
 from finetune.data import formats, load
 from finetune.errors import UserError
 
-PAIR = [{"role": "user", "content": "What is 2 plus 3?"}, {"role": "assistant", "content": "2 + 3 = 5."}]
+
+
+def m(role: str, content: str, tool_calls: list | None = None) -> dict:
+    """An internal message: every key present, as the Arrow schema declares them."""
+    return {"role": role, "content": content, "tool_calls": tool_calls}
+
+
+PAIR = [m("user", "What is 2 plus 3?"), m("assistant", "2 + 3 = 5.")]
 
 
 @pytest.fixture(autouse=True)
@@ -34,17 +41,15 @@ def test_alpaca_joins_instruction_and_input_and_keeps_system_and_history():
     record = {"instruction": "Translate into Chinese.", "input": "Thank you.", "output": "谢谢。",
               "system": "You translate.", "history": [["Hi", "Hello!"]]}
     assert formats.to_messages(record, "alpaca", {}) == [
-        {"role": "system", "content": "You translate."},
-        {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello!"},
-        {"role": "user", "content": "Translate into Chinese.\nThank you."},
-        {"role": "assistant", "content": "谢谢。"}]
+        m("system", "You translate."), m("user", "Hi"), m("assistant", "Hello!"),
+        m("user", "Translate into Chinese.\nThank you."), m("assistant", "谢谢。")]
 
 
 def test_sharegpt_from_value_turns_and_system_column_become_messages():
     record = {"conversations": [{"from": "human", "value": "What is 2 plus 3?"},
                                 {"from": "gpt", "value": "2 + 3 = 5."}],
               "system": "Be brief."}
-    assert formats.to_messages(record, "sharegpt", {}) == [{"role": "system", "content": "Be brief."}, *PAIR]
+    assert formats.to_messages(record, "sharegpt", {}) == [m("system", "Be brief."), *PAIR]
 
 
 def test_an_empty_system_turn_means_no_system_prompt():
@@ -54,22 +59,22 @@ def test_an_empty_system_turn_means_no_system_prompt():
 
 def test_openai_messages_pass_through_with_their_system_prompt():
     record = {"messages": [{"role": "system", "content": "Be brief."}, *PAIR]}
-    assert formats.to_messages(record, "messages", {}) == record["messages"]
+    assert formats.to_messages(record, "messages", {}) == [m("system", "Be brief."), *PAIR]
 
 
 def test_plain_text_is_one_text_message():
     assert formats.to_messages({"text": "Paris is the capital of France."}, "text", {}) == [
-        {"role": "text", "content": "Paris is the capital of France."}]
+        m("text", "Paris is the capital of France.")]
 
 
 def test_preference_accepts_plain_and_conversational_answers():
     plain = formats.to_preference({"prompt": "2+3?", "chosen": "5", "rejected": "6", "system": "Be brief."}, {})
-    assert plain == {"prompt": [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "2+3?"}],
-                     "chosen": "5", "rejected": "6"}
+    assert plain == {"prompt": [m("system", "Be brief."), m("user", "2+3?")], "chosen": "5", "rejected": "6",
+                     "tools": None}
     chat = formats.to_preference({"prompt": [{"role": "user", "content": "2+3?"}],
                                   "chosen": [{"role": "assistant", "content": "5"}],
                                   "rejected": [{"role": "assistant", "content": "6"}]}, {})
-    assert chat == {"prompt": [{"role": "user", "content": "2+3?"}], "chosen": "5", "rejected": "6"}
+    assert chat == {"prompt": [m("user", "2+3?")], "chosen": "5", "rejected": "6", "tools": None}
 
 
 def test_column_mapping_reads_fields_from_other_columns():
@@ -117,8 +122,8 @@ BAD = {  # case: (records, line of the bad one, reason, words the message must c
                          "messages[0]: role 'assistant'"),
     "ends_with_user": ([{"messages": PAIR}, {"messages": PAIR + [PAIR[0]]}], 2, "bad_role_order",
                        "ends with a user turn"),
-    "unknown_role": ([{"messages": PAIR}, {"messages": [{"role": "tool", "content": "x"}, *PAIR]}], 2,
-                     "unknown_role", "role 'tool'"),
+    "unknown_role": ([{"messages": PAIR}, {"messages": [{"role": "robot", "content": "x"}, *PAIR]}], 2,
+                     "unknown_role", "role 'robot'"),
     "not_text": ([{"instruction": "a", "output": "b"}, {"instruction": "c", "output": 5}], 2, "bad_type",
                  "'output'"),
 }
@@ -151,10 +156,11 @@ def test_missing_file_is_named():
         splits(Path("data/nope.jsonl"))
 
 
-def test_unknown_format_of_a_mixed_source_suggests_the_right_one(tmp_path):
+def test_unknown_format_of_a_source_suggests_the_right_one(tmp_path):
     path = jsonl(tmp_path / "a.jsonl", [{"instruction": "a", "output": "b"}])
     with pytest.raises(UserError, match=r"data\.mix\[0\]: unknown data format 'alpca' \(did you mean: alpaca\?\)"):
-        splits(path, f"data.mix=[{{path: {path}, format: alpca}}]")
+        load.load_source(str(path), "alpca", {}, on_bad_record="error", max_samples=None, num_proc=None,
+                         where="data.mix[0]")
 
 
 def test_file_whose_columns_fit_no_format_is_an_error_naming_it(tmp_path):

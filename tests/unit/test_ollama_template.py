@@ -1,8 +1,10 @@
 """The Modelfile says everything Ollama needs, and its TEMPLATE, rendered by Go's own text/template (the engine
-Ollama runs), gives the same text as the tokenizer's chat template used for training and vLLM.
+Ollama runs), gives the same text as the tokenizer's chat template used for training and vLLM, and — tokenized by
+llama.cpp's rules (test_templates.llamacpp_tokenize) — the prompt ids of training, also where contents start or
+end with whitespace, except the two differences templates.py documents.
 
-The token-level check (Go-rendered text → the exported GGUF's tokenizer in llama.cpp → exactly our training
-prompt ids) is in tests/e2e/test_export.py; this file needs no model.
+The token-level check through a real exported GGUF in llama.cpp is in tests/e2e/test_export.py; this file needs
+no model.
 """
 
 from __future__ import annotations
@@ -10,11 +12,19 @@ from __future__ import annotations
 
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
+from test_templates import EDGES, llamacpp_tokenize
 
 from finetune.export import ollama
 from finetune.models import templates
+from finetune.models.tokenizers import bundled_tokenizer
 
 FAMILIES = ("chatglm3", "baichuan2", "qwen1", "qwen2_5", "llama2")
+DIFFERS = {  # where a text template cannot give the original's ids (templates.py docstring, README)
+    "qwen1": lambda c: "\n" in c[:len(c) - len(c.lstrip())],  # leading whitespace holding a line break merges
+    "llama2": lambda c: c != c.strip(),  # Meta strips each content; a Go template cannot
+}
+
+
 def _jinja(template: str, messages: list[dict]) -> str:
     env = ImmutableSandboxedEnvironment(extensions=["jinja2.ext.loopcontrols"])
     env.globals["raise_exception"] = lambda msg: (_ for _ in ()).throw(ValueError(msg))
@@ -64,3 +74,14 @@ def test_adapter_modelfile_names_base_and_adapter():
 def test_model_name_is_a_valid_ollama_name():
     assert ollama.model_name("Qwen7B_QLoRA-20261123-101500") == "qwen7b_qlora-20261123-101500"
     assert ollama.model_name("运行 1") == "1"
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_go_rendered_template_gives_the_prompt_ids_at_segment_edges_except_where_documented(go_render, family):
+    tok = bundled_tokenizer(family)
+    for content in [c for c in EDGES if "\r" not in c]:  # go_render reads text with universal newlines
+        conv = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": content},
+                {"role": "assistant", "content": content}, {"role": "user", "content": content}]
+        ids = llamacpp_tokenize(family, go_render(templates.ollama_template(family), conv))
+        differs = DIFFERS.get(family, lambda c: False)(content)
+        assert (ids != templates.encode_prompt(family, tok, conv)) == differs, (family, content)

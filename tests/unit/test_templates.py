@@ -9,6 +9,7 @@ llama-recipes' tokenize_dialog); labels follow DECISIONS.md "Training labels".
 from __future__ import annotations
 
 import base64
+import json
 import re
 import unicodedata
 from functools import cache
@@ -304,7 +305,8 @@ BAD = [
     ([{"role": "user", "content": "a"}, {"role": "system", "content": "s"}], "got 'system'"),
     ([{"role": "user", "content": "  "}, {"role": "assistant", "content": "b"}], "message 1 .user.: empty"),
     ([{"role": "user", "content": "a"}, {"role": "assistant", "content": ""}], "message 2 .assistant.: empty"),
-    ([{"role": "tool", "content": "a"}], "role must be"),
+    ([{"role": "function", "content": "a"}], "role must be system, user, assistant or tool"),
+    ([{"role": "tool", "content": "a"}], "message 1: expected role 'user', got 'tool'"),
     ([{"role": "user", "content": 3}], "content must be text"),
     ([{"role": "user", "content": "a"}], "must end with an assistant answer"),
     ([SYSTEM], "must end with an assistant answer"),
@@ -333,3 +335,36 @@ def test_unknown_template_or_foreign_tokenizer_raise_value_error():
         templates.encode_prompt("vicuna", bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
     with pytest.raises(ValueError, match="not a chatglm3 tokenizer"):
         templates.encode_prompt("chatglm3", bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
+
+
+# ---- segment boundaries: contents that start or end with whitespace or newlines ----
+
+EDGES = ["\nHi", "Hi\n", " Hi", "Hi ", "\n\nHi\n\n", "\t Hi", " \nHi", "你好\n\n", "\r\nHi"]
+
+
+@pytest.mark.parametrize("content", EDGES)
+@pytest.mark.parametrize("family", ["chatglm3", "baichuan2", "qwen1", "llama2"])
+def test_edge_whitespace_keeps_the_official_per_segment_ids(family, content):
+    """ChatGLM3, Baichuan2 and Qwen-1 encode each content on its own (Qwen-1's make_context: role, "\\n", content);
+    a merged "\\n\\n" across a boundary would be another id. Llama-2 strips, as Meta does."""
+    tok = bundled_tokenizer(family)
+    conv = [{"role": "system", "content": content}, {"role": "user", "content": content},
+            {"role": "assistant", "content": content}, {"role": "user", "content": "Q"},
+            {"role": "assistant", "content": content}]
+    encoded = templates.encode_conversation(family, tok, conv)
+    assert (encoded.input_ids, encoded.labels) == REFERENCE[family](conv)
+    prompt = [*conv, {"role": "user", "content": content}]
+    assert templates.encode_prompt(family, tok, prompt) == REFERENCE[family](prompt)[0]
+
+
+@pytest.mark.parametrize("content", EDGES)
+def test_edge_whitespace_in_qwen2_5_gives_its_chat_templates_joint_ids(content):
+    tok = bundled_tokenizer("qwen2_5")
+    official = json.loads((FIX / "qwen2_5" / "tokenizer_config.json").read_text())["chat_template"]
+    conv = [{"role": "system", "content": content}, {"role": "user", "content": content},
+            {"role": "assistant", "content": content}]
+    ids = tok.apply_chat_template(conv, chat_template=official, return_dict=False)
+    assert templates.encode_conversation("qwen2_5", tok, conv).input_ids == ids
+    prompt = [*conv, {"role": "user", "content": content}]
+    assert templates.encode_prompt("qwen2_5", tok, prompt) == tok.apply_chat_template(
+        prompt, chat_template=official, add_generation_prompt=True, return_dict=False)
