@@ -21,8 +21,8 @@ from finetune import shipped
 from finetune.errors import UserError, did_you_mean
 
 Hub = Literal["hf", "modelscope"]
-Method = Literal["full", "lora", "qlora"]
-Stage = Literal["sft", "dpo"]
+Method = Literal["full", "lora", "qlora", "freeze"]
+Stage = Literal["sft", "dpo", "kto", "orpo", "simpo", "rm", "grpo"]
 Distributed = Literal["none", "ddp", "zero2", "zero3", "zero3_offload", "fsdp"]
 ReportTo = Literal["none", "wandb", "tensorboard"]
 DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preference", "sharegpt_preference",
@@ -36,6 +36,7 @@ Logits = Literal["chunked", "full"]
 QuantBits = Literal[4, 8]
 QuantType = Literal["nf4", "fp4"]
 DpoLoss = Literal["sigmoid", "ipo", "hinge"]
+LoraInit = Literal["default", "gaussian", "pissa", "olora"]
 """Every closed set of choices, declared once on its schema field: OmegaConf refuses any other value, and each
 module that acts on a choice handles all of them (tests/unit/test_choices.py fails when one is missed)."""
 
@@ -92,6 +93,7 @@ class TrainConfig:
     save_steps: int = 200
     save_total_limit: int = 2
     sample_prompts: int = 3  # held-out prompts generated before/after training for the report
+    neftune_alpha: Optional[float] = None  # NEFTune: noise on the input embeddings while training (5 is common)
 
 
 @dataclass
@@ -101,6 +103,16 @@ class LoraConfig:
     dropout: float = 0.05
     targets: list[str] = field(default_factory=list)  # empty: the family's default from the registry
     dora: bool = False
+    rslora: bool = False  # rank-stabilised scaling alpha/sqrt(r) instead of alpha/r
+    init: LoraInit = "default"  # pissa / olora start from the base's principal directions (export converts back)
+    plus_ratio: Optional[float] = None  # LoRA+: B's learning rate = plus_ratio × A's (16 in the paper)
+
+
+@dataclass
+class FreezeConfig:
+    """method=freeze: the last `layers` decoder layers train in full, everything else stays frozen."""
+
+    layers: int = 2
 
 
 @dataclass
@@ -119,6 +131,34 @@ class DpoConfig:
     beta: float = 0.1
     loss: DpoLoss = "sigmoid"
     sft_run: Optional[str] = None  # run directory of the SFT stage whose adapter DPO starts from
+
+
+@dataclass
+class PrefConfig:
+    """stage=kto / orpo / simpo: the preference objective's strength (TRL's defaults per stage when unset)."""
+
+    beta: Optional[float] = None  # kto 0.1, orpo 0.1 (lambda), simpo 2.0
+    simpo_gamma: float = 0.5  # SimPO's target reward margin
+    desirable_weight: float = 1.0  # KTO: weight of the losses on desirable / undesirable answers
+    undesirable_weight: float = 1.0
+
+
+@dataclass
+class RewardConfig:
+    """stage=grpo: how a sampled answer is scored. `fn` is a comma-separated list of built-ins (exact_match,
+    format, length) or `module:function` of your own (called as TRL calls reward functions)."""
+
+    fn: str = "exact_match"
+    pattern: str = r"^\S.*$"  # format: the regex a good answer matches in full
+    target_length: int = 32  # length: answers near this many tokens score highest
+
+
+@dataclass
+class GrpoConfig:
+    num_generations: int = 4  # answers sampled per prompt (the group the advantage is relative to)
+    max_completion_length: int = 64
+    beta: float = 0.0  # KL penalty against a reference model (0: no reference model is kept)
+    temperature: float = 1.0
 
 
 @dataclass
@@ -144,6 +184,10 @@ class Recipe:
     lora: LoraConfig = field(default_factory=LoraConfig)
     quant: QuantConfig = field(default_factory=QuantConfig)
     dpo: DpoConfig = field(default_factory=DpoConfig)
+    pref: PrefConfig = field(default_factory=PrefConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    grpo: GrpoConfig = field(default_factory=GrpoConfig)
+    freeze: FreezeConfig = field(default_factory=FreezeConfig)
 
 
 def choices(key: str) -> tuple[Any, ...]:
@@ -157,7 +201,8 @@ def choices(key: str) -> tuple[Any, ...]:
 
 
 POSITIVE: tuple[str, ...] = ("train.lr", "train.micro_batch", "train.grad_accum", "train.max_length", "lora.r",
-                             "lora.alpha", "train.save_steps", "train.logging_steps")
+                             "lora.alpha", "train.save_steps", "train.logging_steps",
+                             "freeze.layers", "grpo.num_generations", "grpo.max_completion_length")
 
 
 def recipe_dirs() -> list[Path]:

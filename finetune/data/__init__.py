@@ -35,7 +35,8 @@ def build(recipe: Any, tokenizer: Any, template: str) -> DatasetDict:
     position_ids, seq_lengths (train those padding-free, see pack.py)."""
     splits, _, preference = prepare(recipe, tokenizer, template)
     if preference:
-        raise UserError("the data is preference data (prompt/chosen/rejected): it trains with stage=dpo")
+        raise UserError("the data is preference data (prompt/chosen/rejected): it trains with "
+                        "stage=dpo, kto, orpo, simpo or rm")
     if not len(splits["train"]):
         raise UserError("no training example is left after dropping bad and too long records; "
                         "`finetune data` shows why")
@@ -47,7 +48,8 @@ def build(recipe: Any, tokenizer: Any, template: str) -> DatasetDict:
 
 
 def build_preference(recipe: Any, tokenizer: Any, template: str) -> DatasetDict:
-    """Preference splits as pre-tokenized prompt_ids / chosen_ids / rejected_ids in the family's exact format.
+    """Preference splits as pre-tokenized prompt_ids / chosen_ids / rejected_ids in the family's exact format
+    (KTO records: prompt_ids / completion_ids / label).
 
     TRL 1.16's DataCollatorForPreference consumes exactly these columns, but DPOTrainer always re-tokenizes its
     dataset from text with the tokenizer's chat template (it has no skip_prepare_dataset), which would give other
@@ -56,9 +58,10 @@ def build_preference(recipe: Any, tokenizer: Any, template: str) -> DatasetDict:
     token (eos / <|im_end|>); prompt + completion never exceed train.max_length."""
     splits, _, preference = prepare(recipe, tokenizer, template)
     if not preference:
-        raise UserError("stage=dpo needs preference data with prompt, chosen and rejected columns "
+        raise UserError(f"stage={recipe.stage} needs preference data with prompt, chosen and rejected columns "
                         "(data/README.md); the data given is SFT data")
     if not len(splits["train"]):
         raise UserError("no preference example is left after dropping bad and too long records")
-    columns = ["prompt_ids", "chosen_ids", "rejected_ids"]
+    kto = "label" in splits["train"].column_names  # KTO's judged answers (stage=kto only, formats.check_stage)
+    columns = ["prompt_ids", "completion_ids", "label"] if kto else ["prompt_ids", "chosen_ids", "rejected_ids"]
     return DatasetDict({name: split.select_columns(columns) for name, split in splits.items()})

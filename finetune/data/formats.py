@@ -9,8 +9,9 @@ tool results), `chosen` and `rejected` (answer strings), `tools`.
 
 Preference layouts: TRL's prompt/chosen/rejected, LLaMA-Factory's sharegpt one (`conversations` + `chosen` +
 `rejected`, answers as turn objects), the same with `messages`, and LLaMA-Factory's alpaca one (instruction/input
-+ chosen/rejected). KTO records (a conversation with a true/false `label`) are detected so that they are never
-trained as SFT by mistake; they need a KTO stage (load.py refuses them).
++ chosen/rejected). KTO records (a conversation with a true/false `label`, or TRL's prompt/completion/label) train
+with stage=kto only, never as SFT by mistake; internal KTO row: `prompt`, `completion` (the answer judged),
+`label`, `tools`.
 
 Conversion never raises on a bad record: it returns a reason code and a sentence naming the field. That keeps the
 verdict inside the (cached, multi-process) `datasets.map` output, so `on_bad_record=skip` counts come from the data
@@ -54,12 +55,14 @@ META = {"_src": Value("string"), "_row": Value("int64"), "_drop": Value("string"
 SFT_FEATURES = Features({"messages": MESSAGES, "tools": Value("string"), **META})
 PREFERENCE_FEATURES = Features({"prompt": MESSAGES, "chosen": Value("string"), "rejected": Value("string"),
                                 "tools": Value("string"), **META})
+KTO_FEATURES = Features({"prompt": MESSAGES, "completion": Value("string"), "label": Value("bool"),
+                         "tools": Value("string"), **META})
 NO_ROLES: Mapping[str, str] = MappingProxyType({})  # a source without role names of its own
 FOLLOWS = {"user": ("assistant",), "assistant": ("user",), "call": ("tool",), "tool": ("tool", "assistant")}
 """Which roles may follow a turn: a user turn, an answer, an assistant turn with tool calls, a tool result."""
 
-__all__ = ["BadRecord", "FORMATS", "PREFERENCE", "check_format", "check_stage", "convert_batch", "detect", "kind",
-           "to_messages", "to_preference"]
+__all__ = ["BadRecord", "FORMATS", "PREFERENCE", "check_format", "check_stage", "convert_batch", "detect", "features",
+           "kind", "kind_of", "to_kto", "to_messages", "to_preference"]
 
 
 def check_format(fmt: str, where: str) -> str:
@@ -69,12 +72,22 @@ def check_format(fmt: str, where: str) -> str:
     return fmt
 
 
-def check_stage(fmt: str, where: str) -> None:
+def check_stage(fmt: str, where: str, stage: str) -> None:
     """KTO data is never trained as something else by accident."""
-    if fmt == "kto":
-        raise UserError(f"{where}: these are KTO records (a conversation with a true/false 'label'); they train "
-                        "with a KTO stage, which this version does not have yet. To train the conversations as "
-                        "SFT regardless of their label, set data.format=messages (or sharegpt)")
+    if fmt == "kto" and stage != "kto":
+        raise UserError(f"{where}: these are KTO records (an answer with a true/false 'label'); they train with "
+                        f"stage=kto, not stage={stage}. To train the conversations as SFT regardless of their label, "
+                        "set data.format=messages (or sharegpt)")
+
+
+def features(fmt: str) -> Features:
+    """The internal row schema a format converts to."""
+    return KTO_FEATURES if fmt == "kto" else PREFERENCE_FEATURES if fmt in PREFERENCE else SFT_FEATURES
+
+
+def kind_of(fmt: str) -> str:
+    """sft, preference (pairs) or kto (single judged answers): one kind per run."""
+    return "kto" if fmt == "kto" else "preference" if fmt in PREFERENCE else "sft"
 
 
 def _present(field: Field, present: set[str], columns: Mapping[str, str]) -> bool:
@@ -230,15 +243,38 @@ def to_preference(record: Mapping[str, Any], columns: Mapping[str, str], fmt: st
             "rejected": _answer(record, "rejected", columns, roles), "tools": _tools(record, columns)}
 
 
+def to_kto(record: Mapping[str, Any], columns: Mapping[str, str], roles: Mapping[str, str] = NO_ROLES
+           ) -> dict[str, Any]:
+    """One KTO record → {prompt, completion, label, tools}: a conversation whose last answer is judged, or TRL's
+    prompt + completion; raises BadRecord."""
+    column = columns.get("label", "label")
+    label = record.get(column)
+    if not isinstance(label, bool):
+        raise BadRecord("bad_type", f"'{column}' must be true or false, got {kind(label)}")
+    if record.get(columns.get("completion", "completion")) is not None:
+        prompt = to_preference({**record, "chosen": "-", "rejected": "-"}, columns)["prompt"]
+        completion = _answer(record, "completion", columns, roles)
+    else:
+        fmt = "messages" if record.get(columns.get("messages", "messages")) is not None else "sharegpt"
+        messages, field = _conversation(record, fmt, columns, roles)
+        check_conversation(messages, field)
+        if messages[-1]["tool_calls"]:
+            raise BadRecord("bad_role_order", f"'{field}': the judged (last) answer must be text, not a tool call")
+        prompt, completion = messages[:-1], messages[-1]["content"]
+    return {"prompt": prompt, "completion": completion, "label": label, "tools": _tools(record, columns)}
+
+
 def convert_batch(batch: dict[str, list], indices: list[int], *, fmt: str, columns: dict[str, str],
                   roles: dict[str, str], src: str) -> dict[str, list]:
     """Batched `datasets.map` function: rows of `fmt` → internal rows, bad ones marked in `_drop`/`_why`."""
-    out: dict[str, list] = {k: [] for k in (PREFERENCE_FEATURES if fmt in PREFERENCE else SFT_FEATURES)}
+    out: dict[str, list] = {k: [] for k in features(fmt)}
     names = list(batch)
     for i, row in enumerate(indices):
         record = {name: batch[name][i] for name in names}
         try:
-            if fmt in PREFERENCE:
+            if fmt == "kto":
+                converted = to_kto(record, columns, roles)
+            elif fmt in PREFERENCE:
                 converted = to_preference(record, columns, fmt, roles)
             else:
                 converted = {"messages": to_messages(record, fmt, columns, roles),

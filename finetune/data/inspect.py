@@ -33,8 +33,9 @@ def inspect(recipe: Any, tokenizer: Any, template: str, *, preview: int = 3) -> 
     train = splits["train"]
     max_length = recipe.train.max_length
     if preference:
-        keys = ["prompt_ids", "chosen_ids", "rejected_ids"]
-        prompts, chosen = column(train, "prompt_ids"), column(train, "chosen_ids")
+        kto = "label" in train.column_names  # KTO: one judged answer per row
+        keys = ["prompt_ids", "completion_ids", "label"] if kto else ["prompt_ids", "chosen_ids", "rejected_ids"]
+        prompts, chosen = column(train, "prompt_ids"), column(train, keys[1])
         lengths = [len(p) + len(c) for p, c in zip(prompts, chosen)]
         trained = sum(len(c) for c in chosen)
         rows = train

@@ -224,12 +224,12 @@ def settle(ds: Dataset, on_bad_record: str, policy: tuple[str, ...] = ()) -> tup
 
 
 def load_source(path: str, fmt: str, columns: dict[str, str], *, on_bad_record: str, max_samples: Optional[int],
-                num_proc: Optional[int], where: str, roles: Optional[dict[str, str]] = None
+                num_proc: Optional[int], where: str, roles: Optional[dict[str, str]] = None, stage: str = "sft"
                 ) -> tuple[Dataset, Counter, str]:
     """All files of one data path → (internal rows, dropped counts, detected format). `roles`: this source's own
-    role names → ours (a registry entry's tags)."""
+    role names → ours (a registry entry's tags); `stage`: KTO records load only for stage=kto."""
     formats.check_format(fmt, where)
-    formats.check_stage(fmt, where)
+    formats.check_stage(fmt, where, stage)
     files = resolve(path, where)
     raws: list[tuple[str, Dataset]] = []
     dropped: Counter = Counter()
@@ -245,9 +245,9 @@ def load_source(path: str, fmt: str, columns: dict[str, str], *, on_bad_record: 
         if max_samples is not None:
             raw = raw.select(range(min(max_samples, len(raw))))
         file_fmt = fmt if fmt != "auto" else formats.detect(raw.column_names, columns, f"{where} ({src})")
-        formats.check_stage(file_fmt, f"{where} ({src})")
+        formats.check_stage(file_fmt, f"{where} ({src})", stage)
         detected.add(file_fmt)
-        features = formats.PREFERENCE_FEATURES if file_fmt in formats.PREFERENCE else formats.SFT_FEATURES
+        features = formats.features(file_fmt)
         converted = raw.map(
             formats.convert_batch, batched=True, with_indices=True, remove_columns=raw.column_names,
             features=features, num_proc=procs(num_proc, len(raw)),
@@ -258,7 +258,7 @@ def load_source(path: str, fmt: str, columns: dict[str, str], *, on_bad_record: 
         kept, bad = settle(converted, on_bad_record)
         parts.append(kept)
         dropped += bad
-    if len({f in formats.PREFERENCE for f in detected}) > 1:
+    if len({formats.kind_of(f) for f in detected}) > 1:
         raise UserError(f"{where}: {path} mixes preference data with SFT data; keep them in separate paths")
     if max_samples is not None:
         parts = [datasets.concatenate_datasets(parts).select(range(min(max_samples, sum(map(len, parts)))))]
@@ -311,9 +311,9 @@ def sources(data: Any) -> list[Source]:
 
 def load_splits(recipe: Any) -> tuple[datasets.DatasetDict, Counter, bool]:
     """The recipe's data as internal rows: "train" (every source, weighted) and "eval" when asked for; also the
-    dropped counts and whether the data is preference data."""
+    dropped counts and whether the data is preference data (pairs, or KTO's judged answers)."""
     data = recipe.data
-    common = {"on_bad_record": data.on_bad_record, "num_proc": data.num_proc}
+    common = {"on_bad_record": data.on_bad_record, "num_proc": data.num_proc, "stage": recipe.stage}
     parts, dropped, kinds = [], Counter(), set()
     for i, source in enumerate(sources(data)):
         ds, bad, detected = load_source(source.path, source.fmt, source.columns, max_samples=data.max_samples,
@@ -321,10 +321,12 @@ def load_splits(recipe: Any) -> tuple[datasets.DatasetDict, Counter, bool]:
         weight = source.samples / len(ds) if source.samples and len(ds) else source.weight
         parts.append(weighted(ds, weight, recipe.seed + i, source.where))
         dropped += bad
-        kinds.add(detected in formats.PREFERENCE)
+        kinds.add(formats.kind_of(detected))
     if len(kinds) > 1:
-        raise UserError("the training sources combine preference data (prompt/chosen/rejected) with SFT data; "
-                        "a run trains one stage: keep one kind per recipe")
+        names = {"sft": "SFT data", "preference": "preference data (prompt/chosen/rejected)",
+                 "kto": "KTO data (judged answers)"}
+        raise UserError(f"the training sources combine {' with '.join(names[k] for k in sorted(kinds))}; a run "
+                        "trains one stage: keep one kind per recipe")
     train = datasets.concatenate_datasets(parts) if len(parts) > 1 else parts[0]
     splits = {"train": train}
     if data.eval_path:
@@ -338,4 +340,4 @@ def load_splits(recipe: Any) -> tuple[datasets.DatasetDict, Counter, bool]:
                             "use a fraction below 1 or a smaller count")
         split = train.train_test_split(test_size=size, seed=recipe.seed)
         splits = {"train": split["train"], "eval": split["test"]}
-    return datasets.DatasetDict(splits), dropped, kinds.pop()
+    return datasets.DatasetDict(splits), dropped, kinds.pop() != "sft"

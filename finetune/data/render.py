@@ -201,11 +201,40 @@ def render_preference_batch(batch: dict[str, list], *, template: str, tokenizer:
     return out
 
 
+KTO_COLUMNS = ("prompt_ids", "completion_ids", "label", "_src", "_row", "_drop", "_why", "_truncated", "_length")
+
+
+def render_kto_batch(batch: dict[str, list], *, template: str, tokenizer: Any, max_length: int,
+                     system_prompt: Optional[str]) -> dict[str, list]:
+    """Batched map function for KTO rows → prompt_ids / completion_ids / label (exact template ids), under the
+    preference rows' length policy."""
+    out: dict[str, list] = {k: [] for k in KTO_COLUMNS}
+    for i, prompt in enumerate(batch["prompt"]):
+        prompt = with_system(prompt, system_prompt)
+        drop, why, tools = "", "", tools_of(batch["tools"][i])
+        try:
+            prompt_ids = list(encode_prompt(template, tokenizer, prompt, tools))
+            completion = _completion(template, tokenizer, prompt, prompt_ids, batch["completion"][i], tools)
+        except ValueError as exc:
+            prompt_ids, completion = [], []
+            drop, why = "template", f"the {template} template refuses this record: {exc}"
+        length = len(prompt_ids) + len(completion)
+        if not drop and len(prompt_ids) >= max_length:
+            drop, why = "too_long_prompt", f"the prompt has {len(prompt_ids)} tokens, over train.max_length={max_length}"
+            prompt_ids, completion = [], []
+        for key, value in zip(KTO_COLUMNS, (prompt_ids, completion[:max_length - len(prompt_ids)], batch["label"][i],
+                                            batch["_src"][i], batch["_row"][i], drop, why, length > max_length,
+                                            length)):
+            out[key].append(value)
+    return out
+
+
 def prepare(recipe: Any, tokenizer: Any, template: str) -> tuple[DatasetDict, Counter, bool]:
     """Load and render every split (cached by fingerprint: a second run tokenizes nothing). Returns the rendered
     splits with their bookkeeping columns, the dropped counts by reason, and whether it is preference data."""
     splits, dropped, preference = load.load_splits(recipe)
-    function = render_preference_batch if preference else render_batch
+    kto = "label" in splits["train"].column_names
+    function = render_kto_batch if kto else render_preference_batch if preference else render_batch
     code = load.code_hash(Path(__file__), Path(templates.__file__))
     kwargs = {"template": template, "tokenizer": tokenizer, "max_length": recipe.train.max_length,
               "system_prompt": recipe.data.system_prompt}

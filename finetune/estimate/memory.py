@@ -40,6 +40,7 @@ from dataclasses import dataclass, field
 
 from finetune.config import Recipe
 from finetune.engines import ENGINES
+from finetune.estimate import stages
 from finetune.estimate.params import Linear, ModelFacts, facts
 from finetune.models.registry import ModelSpec
 
@@ -75,6 +76,7 @@ class MemoryPlan:
     breakdown: dict[str, int]
     phases: dict[str, dict[str, int]] = field(default_factory=dict)
     peak_phase: str = ""
+    stage_terms: dict[str, int] = field(default_factory=dict)  # what the stage adds (stages.py)
 
     @property
     def peak_bytes(self) -> int:
@@ -97,7 +99,7 @@ class _Bytes:
 def _dtype_bytes(recipe: Recipe) -> _Bytes:
     if recipe.train.precision == "fp32":
         return _Bytes(4, 4, 4, 4)
-    if recipe.method == "full":
+    if recipe.method in ("full", "freeze"):  # freeze: full weights, some of them trained
         weight = 4 if recipe.train.precision == "fp16" else 2  # GradScaler cannot unscale fp16 gradients
         return _Bytes(weight, weight, weight, 2)
     if recipe.method == "qlora":  # TRL casts the adapters to bf16 on a quantized base
@@ -324,8 +326,8 @@ def saved_after_forward(recipe: Recipe, spec: ModelSpec) -> int:
     """Bytes autograd holds when one micro-batch's forward ends: the part of the activation model a CPU can
     check exactly (saved-tensor hooks; tests/unit/test_estimate_memory.py)."""
     f, b = facts(recipe, spec), _dtype_bytes(recipe)
-    seqs = recipe.train.micro_batch * (2 if recipe.stage == "dpo" else 1)
-    tokens = seqs * recipe.train.max_length
+    seqs = stages.sequences(recipe)
+    tokens = seqs * stages.tokens(recipe)
     return _activations(f, recipe, b, seqs)[0] + _loss_saved_bytes(f, b, tokens, recipe.train.logits)
 
 
@@ -397,7 +399,7 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
     magnitude_bytes = 4 if recipe.method == "qlora" else b.trainable  # TRL leaves DoRA magnitudes in fp32
     states, step = _optimizer_bytes(f, b, recipe.train.optimizer, magnitude_bytes)
     adapters = f.params_adapter * b.trainable + f.params_magnitude * magnitude_bytes
-    full = recipe.method == "full"
+    full = recipe.method in ("full", "freeze")  # the trainables are (some of) the weights themselves
     parts = {
         "weights": _weight_bytes(f, recipe, b),
         "trainable_weights": 0 if full else adapters,  # full: the weights are the trainables
@@ -405,19 +407,21 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
         "optimizer": states,
         "step": step,
     }
-    if recipe.stage == "dpo" and recipe.method == "full":
+    if stages.reference_copy(recipe):
         parts["weights"] += f.params_total * b.weight  # frozen reference copy (PEFT runs disable the adapters)
     _distribute(parts, f, recipe, b, dist, n)
 
-    seqs = recipe.train.micro_batch * (2 if recipe.stage == "dpo" else 1)  # DPO: chosen + rejected
+    seqs = stages.sequences(recipe)  # chosen + rejected, KTO's KL sequences (stages.py)
     at_loss, in_layers, forward = _activations(f, recipe, b, seqs)
-    tokens = seqs * recipe.train.max_length
+    tokens = seqs * stages.tokens(recipe)
     loss_head = _loss_head_bytes(f, b, tokens) if recipe.train.logits == "chunked" else _full_logits_bytes(f, b, tokens)
+    generation = stages.generation_bytes(recipe, f, b.weight)  # GRPO's sampling, before its policy step
     grads_held = parts["gradients"] if recipe.train.grad_accum > 1 else 0
     steady = {"weights": parts["weights"], "trainable_weights": parts["trainable_weights"],
               "optimizer": parts["optimizer"]}
     phases = {
         "load": {"weights": parts["weights"]},
+        **({"generation": {**steady, "activations": generation}} if generation else {}),
         **({"forward": {**steady, "gradients": grads_held, "activations": forward}} if forward else {}),
         "loss backward": {**steady, "gradients": grads_held, "activations": at_loss, "logits": loss_head},
         "layer backward": {**steady, "gradients": grads_held, "activations": in_layers},
@@ -430,7 +434,8 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
         moment["overhead"] = CUDA_CONTEXT_BYTES + int(FRAGMENTATION * transient)
     peak = max(phases, key=lambda name: sum(phases[name].values()))
     breakdown = {term: int(phases[peak].get(term, 0)) for term in TERMS}
-    return MemoryPlan(f.params_total, f.params_trainable, n, dist, breakdown, phases, peak)
+    return MemoryPlan(f.params_total, f.params_trainable, n, dist, breakdown, phases, peak,
+                      stages.stage_terms(recipe, f, b.weight))
 
 
 def term_basis(recipe: Recipe) -> dict[str, str]:

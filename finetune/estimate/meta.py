@@ -146,9 +146,11 @@ def _base(spec: ModelSpec, key: str) -> _Base:
     return _BASES[key]
 
 
-def count(spec: ModelSpec, model_key: str, method: str, lora: Optional[tuple], quant: Optional[tuple]) -> ModelFacts:
+def count(spec: ModelSpec, model_key: str, method: str, lora: Optional[tuple], quant: Optional[tuple],
+          freeze_layers: Optional[int] = None) -> ModelFacts:
     """Totals come from the whole meta model; quantization and LoRA are applied to a copy cut to one decoder
-    layer, whose per-layer counts are multiplied by the number of layers. `model_key` names the model's config."""
+    layer, whose per-layer counts are multiplied by the number of layers. `model_key` names the model's config.
+    method=freeze trains `freeze_layers` whole decoder layers and nothing else."""
     base = _base(spec, model_key)
     cfg = native_config(spec)
     layers = base.layers
@@ -168,6 +170,8 @@ def count(spec: ModelSpec, model_key: str, method: str, lora: Optional[tuple], q
                              if type(m).__name__ in ("Linear4bit", "Linear8bitLt")])
     adapted = every_layer([(m, m.get_base_layer().out_features) for m in one.modules() if hasattr(m, "lora_A")])
     trainable = every_layer([(p, tuple(p.shape)) for p in one.parameters() if p.requires_grad])
+    if method == "freeze":
+        trainable = [tuple(p.shape) for p in block.parameters()] * (freeze_layers or 0)
     magnitudes = [(out,) for out in adapted] if lora and lora[2] else []  # DoRA: one per output row
     adapter = every_layer([(p, p.numel()) for n, p in one.named_parameters() if ".lora_A." in n or ".lora_B." in n])
     return ModelFacts(

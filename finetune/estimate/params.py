@@ -48,7 +48,8 @@ class ModelFacts:
     """What the memory model needs to know about one model as one recipe trains it."""
 
     params_total: int  # parameters of the base model (tied weights once)
-    params_trainable: int  # what the optimizer updates (all for full; adapters (+ DoRA magnitudes) otherwise)
+    params_trainable: int  # what the optimizer updates (all for full; the last layers for freeze; adapters
+    # (+ DoRA magnitudes) otherwise)
     params_adapter: int  # LoRA A/B parameters
     params_magnitude: int  # DoRA magnitude vectors (kept in fp32 by TRL under QLoRA)
     params_quantized: int  # parameters stored in 4/8 bit (0 unless method=qlora)
@@ -81,9 +82,11 @@ def facts(recipe: Recipe, spec: ModelSpec) -> ModelFacts:
     cache, else from the package's seed, else counted on the meta device (and cached). The key holds what the
     count is given — the model's config and the one `settings` tuple of recipe values that shape the tree — plus
     the library versions and our code."""
-    lora = (recipe.lora.r, lora_targets(recipe, spec), recipe.lora.dora) if recipe.method != "full" else None
+    lora = (recipe.lora.r, lora_targets(recipe, spec), recipe.lora.dora) if recipe.method in ("lora", "qlora") \
+        else None
     quant = (recipe.quant.bits, recipe.quant.type, recipe.quant.double_quant) if recipe.method == "qlora" else None
-    settings = (recipe.method, lora, quant)
+    freeze = (recipe.freeze.layers,) if recipe.method == "freeze" else ()  # no new key for the other methods
+    settings = (recipe.method, lora, quant, *freeze)
     model = cache.key(spec.original_config, spec.family.name, _environment())
     entry = cache.key(model, *settings)
     if entry not in _MEMO:

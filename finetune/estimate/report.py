@@ -129,7 +129,7 @@ def estimate_report(recipe: Recipe, spec: ModelSpec, gpus: list[GPU], *,
         "fits_on": gpus_mod.fits_on(memory.peak_bytes),
         "suggestions": [] if fits else suggestions(recipe, spec, memory, capacity),
         "logits": recipe.train.logits, "upcast": recipe.method == "qlora" and recipe.quant.upcast,
-        "basis": term_basis(recipe),
+        "basis": term_basis(recipe), "stage_terms": memory.stage_terms,
     }
     if compare:
         report["compare"] = compare_report(recipe, spec, n)
@@ -148,6 +148,7 @@ def render_estimate(report: dict[str, Any]) -> RenderableType:
         Text(f"parameters {report['params_total']:,} · trainable {report['params_trainable']:,}"),
         _breakdown_table(report),
         Text(f"moments of a step (GiB): {phases} — the peak is {report['peak_phase']}", style="dim"),
+        _stage_line(report),
         gpus_mod.format_gpus([GPU(i, g["name"], g["total_bytes"], g["free_bytes"])
                               for i, g in enumerate(report["gpus"])]),
         Text(report["verdict"], style={True: "bold green", False: "bold red", None: "bold yellow"}[report["fits"]]),
@@ -165,6 +166,19 @@ def render_estimate(report: dict[str, Any]) -> RenderableType:
                           s["why"])
         parts.append(fixes)
     return Group(*parts)
+
+
+STAGE_TERM_NAMES = {"sequences_per_micro_batch": "sequences per micro-batch",
+                    "reference_copy_bytes": "reference model copy (in weights)",
+                    "value_head_params": "value head parameters", "generation_bytes": "generation buffers"}
+
+
+def _stage_line(report: dict[str, Any]) -> Text:
+    """stage=X's own terms (estimate/stages.py): sequences per step, a reference copy, a value head, GRPO's
+    generation buffers."""
+    terms = [f"{STAGE_TERM_NAMES[k]} {_gib(v) if k.endswith('_bytes') else f'{v:,}'}"
+             for k, v in report["stage_terms"].items()]
+    return Text(f"stage={report['stage']}: {'; '.join(terms)}", style="dim")
 
 
 def _breakdown_table(report: dict[str, Any]) -> Table:

@@ -6,6 +6,10 @@ the quantization error twice (once in the merge, again when llama.cpp quantizes)
 16-bit the same way. The adapter is checked against the base before anything heavy happens (target modules exist,
 every LoRA matrix fits its base weight), so "an adapter for another base" is one clear error, not a shape traceback
 half-way through a 14 GB load.
+
+A reward model (stage=rm) merges as what it is: AutoModelForSequenceClassification with its trained `score` head
+(from adapter/ for LoRA, from model/ for full/freeze). A PiSSA / OLoRA adapter was already saved converted to apply
+to the original base (session.save_weights), so it merges like any other.
 """
 
 from __future__ import annotations
@@ -97,7 +101,7 @@ def copy_tokenizer(sources: list[Path], dst: Path) -> None:
 
 def merge(run: RunDir, dst: Path) -> Path:
     """Write the 16-bit merged (or re-saved full) model of `run` to `dst`, atomically; returns `dst`."""
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
     import finetune.models.native  # noqa: F401  (registers the native classes, e.g. Baichuan2-13B's ALiBi model)
 
@@ -121,7 +125,9 @@ def merge(run: RunDir, dst: Path) -> Path:
                         f"({run.model_dir}/config.json): its training did not finish; export a finished run")
 
     dtype = merged_dtype(recipe.train.precision)
-    model = AutoModelForCausalLM.from_pretrained(source, dtype=dtype)
+    reward = recipe.stage == "rm"
+    auto = AutoModelForSequenceClassification if reward else AutoModelForCausalLM
+    model = auto.from_pretrained(source, dtype=dtype, **({"num_labels": 1} if reward else {}))
     if run.has_adapter:
         from peft import PeftModel
 

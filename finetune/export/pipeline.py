@@ -153,6 +153,9 @@ def export(run_dir: Path, to: str, *, quant: str = "q4_k_m", verify: bool = True
     if to in ("gguf", "ollama"):
         gguf_mod.check_quant(quant)
     run = open_run(run_dir)
+    if to != "merged" and run.recipe().stage == "rm":
+        raise UserError(f"{run.path} is a reward model (stage=rm): it scores answers instead of writing them, so it "
+                        f"has no GGUF, Ollama or AWQ form; export it with to=merged")
     result = ExportResult(run=run.path, target=to)
     result.merged = _merged(run, force)
     if to == "awq":

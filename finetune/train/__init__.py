@@ -1,4 +1,4 @@
-"""Training: `run(recipe)` trains one stage (sft or dpo) and returns its run directory.
+"""Training: `run(recipe)` trains one stage (sft, dpo, kto, orpo, simpo, rm, grpo) and returns its run directory.
 
 The same call serves `finetune recipe=X` (one process) and `accelerate launch -m finetune recipe=X` / torchrun
 (one call per process; the launcher's environment makes it distributed, see distributed.py).
@@ -6,19 +6,20 @@ The same call serves `finetune recipe=X` (one process) and `accelerate launch -m
 
 from __future__ import annotations
 
-from finetune.config import Recipe
+import importlib
+
+from finetune.config import Recipe, Stage
 from finetune.rundir import RunDir
+
+STAGES: dict[Stage, str] = {"sft": "sft", "dpo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo",
+                            "rm": "rm", "grpo": "grpo"}
+"""recipe stage → its module in finetune.train (imported only when that stage runs: each pulls in its trainer)."""
 
 
 def run(recipe: Recipe, *, force: bool = False) -> RunDir:
     """Train `recipe` (its memory estimate first: refuses when it will not fit, unless `force`)."""
-    if recipe.stage == "dpo":
-        from finetune.train import dpo
-
-        return dpo.run(recipe, force=force)
-    from finetune.train import sft
-
-    return sft.run(recipe, force=force)
+    module = importlib.import_module(f"finetune.train.{STAGES[recipe.stage]}")  # one module per stage
+    return module.run(recipe, force=force)
 
 
 __all__ = ["run"]

@@ -58,10 +58,11 @@ def starting_point(session: Session, sft_run: Optional[RunDir]) -> tuple[torch.n
     recipe = session.recipe
     if sft_run is None:
         return load_model(session), lora_config(recipe, session.spec)
-    if recipe.method == "full":
+    if recipe.method in ("full", "freeze"):
         if not sft_run.has_full_model:
-            raise UserError(f"dpo.sft_run={sft_run.path} has no full model ({sft_run.model_dir}); method=full "
-                            f"continues a method=full SFT run — use method=lora/qlora to continue an adapter")
+            raise UserError(f"dpo.sft_run={sft_run.path} has no full model ({sft_run.model_dir}); method="
+                            f"{recipe.method} continues a method=full/freeze SFT run — use method=lora/qlora to "
+                            f"continue an adapter")
         return load_model(session, sft_run.model_dir), None
     if not sft_run.has_adapter:
         raise UserError(f"dpo.sft_run={sft_run.path} has no adapter ({sft_run.adapter_dir}); it did not finish, "

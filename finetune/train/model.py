@@ -1,6 +1,8 @@
-"""The base model as a method trains it: full (weights in train.precision), lora (16-bit frozen base) or qlora
-(bitsandbytes 4-/8-bit: nf4/fp4, double quant, compute dtype; 16-bit parts stay 16-bit, fp32 with quant.upcast),
-and the LoRA adapter TRL attaches to it. Every stage loads its model through here.
+"""The base model as a method trains it: full (weights in train.precision), lora (16-bit frozen base), qlora
+(bitsandbytes 4-/8-bit: nf4/fp4, double quant, compute dtype; 16-bit parts stay 16-bit, fp32 with quant.upcast) or
+freeze (full weights, only the last freeze.layers decoder layers train), and the LoRA adapter TRL attaches to it
+(rsLoRA scaling, PiSSA / OLoRA / Gaussian init). Every stage loads its model through here; stage=rm loads it with
+a one-output value head (AutoModelForSequenceClassification) instead of the language-model head.
 """
 
 from __future__ import annotations
@@ -10,10 +12,10 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 from peft import LoraConfig, prepare_model_for_kbit_training
-from transformers import AutoModelForCausalLM, BitsAndBytesConfig
+from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 import finetune.models.native  # noqa: F401  (registers our native classes, e.g. Baichuan2-13B's ALiBi model)
-from finetune.config import Precision, Recipe
+from finetune.config import LoraInit, Precision, Recipe
 from finetune.engines import ENGINES
 from finetune.errors import UserError
 from finetune.models.registry import ModelSpec
@@ -37,6 +39,8 @@ def load_model(session: Session, path: Optional[Path] = None) -> torch.nn.Module
         raise UserError("train.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
     kwargs: dict[str, Any] = {"attn_implementation": recipe.train.attn_implementation,
                               "trust_remote_code": recipe.trust_remote_code}
+    if recipe.stage == "rm":
+        kwargs["num_labels"] = 1  # the value head: one scalar reward per sequence
     if recipe.method == "qlora":
         compute = DTYPES[recipe.quant.compute_dtype]
         sharded = ENGINES[recipe.distributed].shards_weights  # FSDP/ZeRO-3 shard the 4-bit storage as this dtype
@@ -47,9 +51,12 @@ def load_model(session: Session, path: Optional[Path] = None) -> torch.nn.Module
         kwargs.update(dtype=compute, device_map=None if sharded else {"": where.device})
     else:
         # fp16 mixed precision needs fp32 master weights (its gradient scaler refuses fp16 ones)
-        kwargs["dtype"] = torch.float32 if recipe.train.precision == "fp16" and recipe.method == "full" \
+        kwargs["dtype"] = torch.float32 if recipe.train.precision == "fp16" and recipe.method in ("full", "freeze") \
             else DTYPES[recipe.train.precision]
-    model = AutoModelForCausalLM.from_pretrained(path or session.model.path, **kwargs)
+    auto = AutoModelForSequenceClassification if recipe.stage == "rm" else AutoModelForCausalLM
+    model = auto.from_pretrained(path or session.model.path, **kwargs)
+    if recipe.method == "freeze":
+        freeze_all_but_last(model, recipe.freeze.layers, keep=("score",) if recipe.stage == "rm" else ())
     if recipe.method == "qlora" and recipe.quant.bits == 4 and where.use_cpu:
         check_cpu_4bit_widths(model)
     if recipe.method == "qlora" and recipe.quant.upcast:
@@ -72,10 +79,67 @@ def check_cpu_4bit_widths(model: torch.nn.Module) -> None:
                         f"model with method=lora on CPU, or QLoRA on a GPU")
 
 
+def decoder_layers(model: torch.nn.Module) -> torch.nn.ModuleList:
+    """The stack of decoder layers: the longest ModuleList (model.layers, transformer.h, encoder.layers, ...)."""
+    stacks = [m for m in model.modules() if isinstance(m, torch.nn.ModuleList)]
+    if not stacks:
+        raise UserError(f"method=freeze: {type(model).__name__} has no list of decoder layers to unfreeze")
+    return max(stacks, key=len)
+
+
+def freeze_all_but_last(model: torch.nn.Module, layers: int, keep: tuple[str, ...] = ()) -> None:
+    """method=freeze: everything frozen but the last `layers` decoder layers (and modules named in `keep`, e.g. the
+    reward model's new head, which has nothing to start from)."""
+    stack = decoder_layers(model)
+    if layers > len(stack):
+        raise UserError(f"freeze.layers={layers}, but the model has {len(stack)} decoder layers")
+    model.requires_grad_(False)
+    for layer in stack[len(stack) - layers:]:
+        layer.requires_grad_(True)
+    for name, module in model.named_modules():
+        if name.split(".")[-1] in keep:
+            module.requires_grad_(True)
+
+
+INIT: dict[LoraInit, bool | str] = {"default": True, "gaussian": "gaussian", "pissa": "pissa",
+                                          "olora": "olora"}
+"""lora.init → PEFT's init_lora_weights. PiSSA and OLoRA move the base's principal part into the adapter (the base
+changes in memory); session.save_weights converts the adapter back so that it applies to the original base."""
+
+
 def lora_config(recipe: Recipe, spec: Optional[ModelSpec]) -> Optional[LoraConfig]:
-    """The adapter TRL attaches (None for full fine-tuning); empty targets mean the family's default list."""
-    if recipe.method == "full":
+    """The adapter TRL attaches (None for full and freeze fine-tuning); empty targets mean the family's defaults.
+    A reward model's adapter is a SEQ_CLS one: PEFT then trains and saves the new value head (`score`) in full."""
+    if recipe.method in ("full", "freeze"):
         return None
     targets = list(recipe.lora.targets) or (list(spec.family.lora_targets) if spec else "all-linear")
     return LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                      target_modules=targets, use_dora=recipe.lora.dora, task_type="CAUSAL_LM")
+                      target_modules=targets, use_dora=recipe.lora.dora, use_rslora=recipe.lora.rslora,
+                      init_lora_weights=INIT[recipe.lora.init],
+                      task_type="SEQ_CLS" if recipe.stage == "rm" else "CAUSAL_LM")
+
+
+LORA_INIT = "lora-init"
+"""<run>/lora-init/: a PiSSA / OLoRA adapter as initialised (what converting the trained one back needs)."""
+
+
+def converts_init(recipe: Recipe) -> bool:
+    return recipe.method in ("lora", "qlora") and recipe.lora.init in ("pissa", "olora")
+
+
+def lora_plus(session: Session, trainer: Any) -> None:
+    """lora.plus_ratio: LoRA+ (B matrices learn plus_ratio × faster), built with PEFT's create_loraplus_optimizer
+    from the optimizer class and settings train.optimizer gives; Trainer keeps an optimizer it is handed."""
+    ratio = session.recipe.lora.plus_ratio
+    if ratio is None:
+        return
+    if session.recipe.method in ("full", "freeze"):
+        raise UserError(f"lora.plus_ratio is for method=lora/qlora (it scales the adapters' B matrices), "
+                        f"not method={session.recipe.method}")
+    from peft.optimizers import create_loraplus_optimizer
+    from transformers import Trainer
+
+    optimizer_cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(trainer.args, trainer.model)
+    kwargs.pop("lr", None)
+    trainer.optimizer = create_loraplus_optimizer(trainer.model, optimizer_cls, lr=trainer.args.learning_rate,
+                                                  loraplus_lr_ratio=ratio, **kwargs)

@@ -42,8 +42,8 @@ def held_out(splits: DatasetDict, count: int) -> list[Sample]:
     split = splits["eval"] if "eval" in splits else splits["train"]
     samples: list[Sample] = []
     for row in split.select(range(min(count, len(split)))):
-        if "prompt_ids" in row:  # preference data
-            samples.append(Sample(list(row["prompt_ids"]), list(row["chosen_ids"])))
+        if "prompt_ids" in row:  # preference data (KTO: the judged answer, good or bad)
+            samples.append(Sample(list(row["prompt_ids"]), list(row.get("chosen_ids") or row["completion_ids"])))
             continue
         ids, labels = list(row["input_ids"]), list(row["labels"])
         if "seq_lengths" in row:  # a packed row: its first example only
@@ -186,7 +186,7 @@ def summarize(session: "Session", trainer: Any, metrics: dict[str, Any], peak: d
             "wall_s": time.monotonic() - session.started,
             "estimate_peak_bytes": session.estimate.get("peak_bytes"), "memory": peak,
             "resumed_from": str(session.checkpoint) if session.checkpoint else None,
-            "next": f"finetune export run={session.run.path} to=ollama"}
+            "next": f"finetune export run={session.run.path} to={'merged' if recipe.stage == 'rm' else 'ollama'}"}
 
 
 def say_goodbye(console: "Console", summary: dict[str, Any], run: RunDir) -> None:

@@ -40,6 +40,7 @@ from finetune.models.registry import ModelSpec
 from finetune.rundir import RunDir
 from finetune.train import callbacks, distributed, report
 from finetune.train.distributed import Launch
+from finetune.train.model import LORA_INIT, converts_init, lora_plus
 
 GIB = 2**30
 
@@ -196,7 +197,7 @@ def trainer_args(config_class: type, session: Session, *, has_eval: bool, **extr
         logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps or t.save_steps,
-        report_to=recipe.report_to, remove_unused_columns=False,
+        report_to=recipe.report_to, remove_unused_columns=False, neftune_noise_alpha=t.neftune_alpha,
         **{**distributed.trainer_kwargs(recipe, session.launch), **extra})
 
 
@@ -222,6 +223,9 @@ def finish(session: Session, trainer: Any, samples: list[report.Sample]) -> RunD
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(callbacks.Progress(session.estimate.get("peak_bytes")))
     report.announce_model(session.console, trainer)
+    lora_plus(session, trainer)
+    if converts_init(session.recipe) and where.is_main:
+        trainer.model.save_pretrained(str(run.path / LORA_INIT))  # the adapter as initialised, before any step
     result = trainer.train(resume_from_checkpoint=str(session.checkpoint) if session.checkpoint else None)
     if stop.interrupted and trainer.state.global_step < trainer.state.max_steps:
         session.console.print(f"[yellow]stopped[/] at step {trainer.state.global_step}, checkpoint saved; continue "
@@ -250,12 +254,18 @@ def save_weights(session: Session, trainer: Any) -> Path:
 
     Every rank calls save_model (ZeRO-3 and FSDP gather the shards for it); only rank 0 writes."""
     run, where = session.run, session.launch
-    final = run.model_dir if session.recipe.method == "full" else run.adapter_dir
+    final = run.model_dir if session.recipe.method in ("full", "freeze") else run.adapter_dir
     tmp = run.path / f".tmp-{final.name}"
     if where.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
     where.barrier()
-    trainer.save_model(str(tmp))
+    if converts_init(session.recipe):
+        # PiSSA / OLoRA changed the base in memory: save the adapter as (trained - initial) in rank 2r, which applies
+        # to the ORIGINAL base, so merge and every adapter loader see an ordinary LoRA adapter
+        trainer.model.save_pretrained(str(tmp), is_main_process=where.is_main,
+                                      path_initial_model_for_weight_conversion=str(run.path / LORA_INIT))
+    else:
+        trainer.save_model(str(tmp))
     if where.is_main:
         shutil.rmtree(tmp / "ref", ignore_errors=True)  # DPO's frozen reference copy of the adapter
         copy_tokenizer(session.model.path, tmp)

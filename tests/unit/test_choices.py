@@ -17,7 +17,7 @@ from finetune.train.session import OPTIMIZERS
 
 CHOICE_KEYS = ["hub", "method", "stage", "distributed", "report_to", "data.format", "data.on_bad_record",
                "train.precision", "train.optimizer", "train.scheduler", "train.attn_implementation", "train.logits",
-               "quant.bits", "quant.type", "quant.compute_dtype", "dpo.loss"]
+               "quant.bits", "quant.type", "quant.compute_dtype", "dpo.loss", "lora.init"]
 
 
 @pytest.mark.parametrize("key", CHOICE_KEYS)
@@ -75,3 +75,23 @@ def test_every_data_format_has_a_reader():
     from finetune.data.formats import FORMATS
 
     assert set(FORMATS) | {"auto"} == set(config.choices("data.format"))
+
+
+def test_every_stage_has_a_trainer_module_and_a_memory_model():
+    import importlib
+
+    from finetune.estimate.stages import SEQUENCES
+    from finetune.train import STAGES
+
+    assert set(STAGES) == set(SEQUENCES) == set(config.choices("stage"))
+    spec = registry.spec("qwen2_5_7b")
+    for stage, module in STAGES.items():
+        assert callable(importlib.import_module(f"finetune.train.{module}").run)
+        for method in config.choices("method"):
+            assert plan(config.load("qwen7b_lora", [f"stage={stage}", f"method={method}"]), spec).peak_bytes > 0
+
+
+def test_every_lora_init_has_a_peft_value():
+    from finetune.train.model import INIT
+
+    assert set(INIT) == set(config.choices("lora.init"))

@@ -52,7 +52,7 @@ def test_every_shipped_recipe_validates():
 @pytest.mark.parametrize("overrides, fragment", [
     (["lora.rnk=8"], "unknown key 'lora.rnk' (did you mean: lora.r"),
     (["train.lr=fast"], "key 'train.lr'"),
-    (["method=qlorra"], "method=qlorra is not one of full, lora, qlora (did you mean: qlora"),
+    (["method=qlorra"], "method=qlorra is not one of full, lora, qlora, freeze (did you mean: qlora"),
     (["model=qwen2_5_7bb"], "did you mean: qwen2_5_7b"),
     (["train.micro_batch=0"], "train.micro_batch must be positive"),
     (["variant=chat"], "no variant 'chat'"),

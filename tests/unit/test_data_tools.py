@@ -178,10 +178,14 @@ def test_each_preference_layout_can_be_named(tmp_path, layout):
     {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}], "label": True},
     {"conversations": [{"from": "human", "value": "2+3?"}, {"from": "gpt", "value": "6"}], "label": False},
     {"prompt": "2+3?", "completion": "5", "label": True}])
-def test_kto_records_are_detected_and_refused_until_a_kto_stage_exists(tmp_path, record):
+def test_kto_records_are_detected_and_train_with_stage_kto_only(tmp_path, record):
     path = jsonl(tmp_path / "kto.jsonl", [record])
-    with pytest.raises(UserError, match=r"KTO records .*KTO stage, which this version does not have yet"):
+    with pytest.raises(UserError, match=r"KTO records .*they train with stage=kto, not stage=sft"):
         load.load_splits(recipe(path))
+    data, _, preference = load.load_splits(recipe(path, "stage=kto"))
+    row = data["train"][0]
+    assert preference and row["label"] == record["label"] and row["completion"] in ("5", "6")
+    assert (row["prompt"][-1]["role"], row["prompt"][-1]["content"]) == ("user", "2+3?")
 
 
 def test_kto_conversations_train_as_sft_only_when_named_so(tmp_path):
