@@ -4,6 +4,9 @@
     finetune estimate recipe=NAME [key=value ...] [--json] [--compare] [--png F]   memory estimate and verdict
     finetune data recipe=NAME [preview=N] [--json] [--png FILE]                    what the trainer will see
     finetune export run=DIR to=merged|gguf|ollama|awq [quant=q4_k_m] [--force]    deploy a run
+    finetune chat run=DIR|model=NAME [adapter=DIR] [prompt="..."] [system=...]     talk to it in the terminal
+    finetune serve run=DIR|model=NAME [adapters=a:DIR,...] [port=8000] [api_key=K]  OpenAI-compatible HTTP API
+    finetune eval run=DIR|model=NAME [eval.file=F] [eval.dir=D eval.task=ceval]  BLEU/ROUGE, C-Eval/CMMLU/MMLU
     finetune convert SRC DST                                                       original checkpoint → native
     finetune list recipes|models                                                   what ships
     finetune recommend gpu_mem=24 [lang=zh] [task=chat] [--json]                   what fits this GPU
@@ -30,6 +33,7 @@ from omegaconf import OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.logging import RichHandler
+from rich.markup import escape
 
 from finetune import config
 from finetune.errors import UserError, did_you_mean
@@ -285,9 +289,51 @@ def cmd_gpus(args: list[str]) -> int:
     return 0
 
 
+def _infer_options(kind: type, pairs: list[str], command: str):
+    """chat/serve options: free text (prompt=, system=) taken verbatim, the rest through _options."""
+    from finetune.infer.options import TEXT_KEYS
+
+    text = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in pairs if p.split("=", 1)[0] in TEXT_KEYS}
+    options = _options(kind, [p for p in pairs if p.split("=", 1)[0] not in TEXT_KEYS], command)
+    for key, value in text.items():
+        if key not in kind.__dataclass_fields__:
+            raise UserError(f"`finetune {command}`: unknown key '{key}'")
+        setattr(options, key, value)
+    return options
+
+
+def cmd_chat(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    _flags("chat", rest)
+    from finetune.infer import chat
+    from finetune.infer.options import ChatOptions
+
+    return chat.run(_infer_options(ChatOptions, pairs, "chat"), err)
+
+
+def cmd_serve(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    _flags("serve", rest)
+    from finetune.infer import server
+    from finetune.infer.options import ServeOptions
+
+    return server.run(_infer_options(ServeOptions, pairs, "serve"), err)
+
+
+def cmd_eval(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    flags = _flags("eval", rest, lambda p: p.add_argument(
+        "--force", action="store_true", help="replace an existing evaluation (same as overwrite=true)"))
+    from finetune import evaluate
+    from finetune.evaluate import options
+
+    return evaluate.run(options.parse(pairs, force=flags.force), out, err)
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "estimate": cmd_estimate, "data": cmd_data, "export": cmd_export, "convert": cmd_convert,
-    "list": cmd_list, "recommend": cmd_recommend, "gpus": cmd_gpus,
+    "list": cmd_list, "recommend": cmd_recommend, "gpus": cmd_gpus, "chat": cmd_chat, "serve": cmd_serve,
+    "eval": cmd_eval,
 }
 
 
@@ -297,6 +343,7 @@ def _usage() -> str:
         "  finetune recipe=qwen7b_qlora --dry-run gpu_mem=24\n" \
         "  accelerate launch -m finetune recipe=qwen7b_qlora data.path=my.jsonl train.lr=1e-4\n" \
         "  finetune export run=outputs/qwen7b_qlora-20261123-101500 to=ollama quant=q4_k_m\n" \
+        "  finetune chat run=outputs/qwen7b_qlora-20261123-101500\n" \
         "Every key: finetune recipe=NAME --print-config.  Docs: README.md\n"
 
 
@@ -324,7 +371,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return COMMANDS[command](rest)
     except UserError as exc:
-        err.print(f"[red]error:[/] {exc}", soft_wrap=True)
+        err.print(f"[red]error:[/] {escape(str(exc))}", soft_wrap=True)  # text, not markup: "finetune[serve]"
         return exc.exit_code
     except KeyboardInterrupt:
         err.print("[yellow]interrupted[/]")
