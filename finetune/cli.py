@@ -11,6 +11,7 @@
     finetune list recipes|models                                                   what ships
     finetune recommend gpu_mem=24 [lang=zh] [task=chat] [--json]                   what fits this GPU
     finetune gpus [--watch N]                                                      GPUs, memory, processes
+    finetune web [host=127.0.0.1] [port=7860]                                      the same on a local web page
 
 Everything a recipe holds is `key=value` (OmegaConf dotlist); double-dash flags only change how a command behaves.
 Output: what you asked for (tables, reports, --json) on stdout; logs, progress and errors on stderr.
@@ -330,10 +331,18 @@ def cmd_eval(args: list[str]) -> int:
     return evaluate.run(options.parse(pairs, force=flags.force), out, err)
 
 
+def cmd_web(args: list[str]) -> int:
+    pairs, rest = _split(args)
+    _flags("web", rest)
+    from finetune import web
+
+    return web.serve(_options(web.WebOptions, pairs, "web"))
+
+
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
     "train": cmd_train, "estimate": cmd_estimate, "data": cmd_data, "export": cmd_export, "convert": cmd_convert,
     "list": cmd_list, "recommend": cmd_recommend, "gpus": cmd_gpus, "chat": cmd_chat, "serve": cmd_serve,
-    "eval": cmd_eval,
+    "eval": cmd_eval, "web": cmd_web,
 }
 
 

@@ -11,6 +11,6 @@ PIP=("$VENV/bin/python" -m pip)
 "${PIP[@]}" install -q --upgrade pip
 # A bare `pip install torch` range would pull a multi-GB CUDA build on a CPU machine: pin the CPU one first.
 "$VENV/bin/python" -c "import torch" 2>/dev/null || "${PIP[@]}" install -q "torch==2.13.0"
-"${PIP[@]}" install -q -e ".[scale,track,awq,serve,eval,dev]"
+"${PIP[@]}" install -q -e ".[scale,track,awq,serve,eval,web,dev]"
 "$VENV/bin/python" -m finetune.export.llamacpp setup
 echo "set-up done: $VENV ($("$VENV/bin/python" -c 'import torch, transformers; print("torch", torch.__version__, "transformers", transformers.__version__)'))"

@@ -3,10 +3,13 @@
 set -uo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh || exit 1
-# Ollama templates are rendered with Go's own text/template in the export tests (Debian's golang-go).
-if ! command -v go >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 && [ "$(id -u)" = 0 ]; then
-  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go >/dev/null) \
-    || echo "warning: golang-go could not be installed; Go template tests will be skipped"
+# Ollama templates are rendered with Go's own text/template in the export tests (Debian's golang-go); the web page
+# is driven in headless Chromium (chromium + chromium-driver; fonts-noto-cjk so its 中文 labels render).
+if ! { command -v go && command -v chromedriver; } >/dev/null 2>&1 && command -v apt-get >/dev/null 2>&1 \
+    && [ "$(id -u)" = 0 ]; then
+  (apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq golang-go chromium chromium-driver \
+    fonts-noto-cjk >/dev/null) \
+    || echo "warning: golang-go / chromium could not be installed; Go template and browser tests will be skipped"
 fi
 .venv/bin/python -m pytest -q -p no:cacheprovider --durations=15 "$@"
 rc=$?

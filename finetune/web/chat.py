@@ -1,0 +1,44 @@
+"""The Chat tab: a run's model through the chat command's backend (finetune.infer), loaded once per run.
+
+The same Engine `finetune chat` builds: the run's chat format and system prompt, greedy by default, so the page
+answers exactly as `finetune chat run=RUN prompt=...` does.
+"""
+
+from __future__ import annotations
+
+import threading
+from typing import Any
+
+from finetune.errors import UserError
+
+_ENGINES: dict[str, Any] = {}
+_LOCK = threading.Lock()
+
+
+def engine(run: str) -> Any:
+    from finetune.infer import load
+    from finetune.infer.options import ChatOptions
+
+    with _LOCK:
+        if run not in _ENGINES:
+            options = ChatOptions(run=run)
+            _ENGINES[run] = load.load(load.resolve(options), options)
+        return _ENGINES[run]
+
+
+def reply(run: str, message: str, history: list[dict[str, str]], max_tokens: int = 512
+          ) -> tuple[list[dict[str, str]], str]:
+    """(the conversation with the new turn, an error line or ""). A failed turn leaves the history as it was."""
+    from finetune.infer.generate import Sampling
+
+    if not run:
+        return history, "error: choose a run first"
+    if not (message or "").strip():
+        return history, ""
+    try:
+        chat = engine(run)
+        turn = [*history, {"role": "user", "content": message}]
+        done = chat.generate(chat.prompt_ids(turn), Sampling(max_tokens=max_tokens))
+    except (UserError, ValueError) as exc:
+        return history, f"error: {exc}"
+    return [*turn, {"role": "assistant", "content": done.text}], ""
