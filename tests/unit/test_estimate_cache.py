@@ -4,7 +4,6 @@ exactly as the user's cache would, and only for the very same key."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shutil
@@ -14,13 +13,13 @@ from importlib import metadata
 from pathlib import Path
 
 import pytest
+import repo_scripts
 
 from finetune import config
 from finetune.estimate import cache, meta, params
 from finetune.models import registry
 
 MODEL = "tiny_qwen2_5"
-ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -180,15 +179,10 @@ def test_a_miss_in_the_cache_and_the_seed_is_counted_and_cached_not_seeded(count
     assert len(counts) == 3
 
 
-def _seed_script():
-    spec = importlib.util.spec_from_file_location("make_estimate_seed", ROOT / "scripts" / "make_estimate_seed.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_the_seed_holds_every_entry_the_shipped_recipes_recommend_and_list_models_need(tmp_path, monkeypatch):
-    script = _seed_script()
+    script = repo_scripts.load("make_estimate_seed")
     made = json.loads((params.SEED / script.MANIFEST).read_text(encoding="utf-8"))["versions"]
     if made != params.versions():
         pytest.skip(f"the seed was made under {', '.join(made)}; installed here: {', '.join(params.versions())} "

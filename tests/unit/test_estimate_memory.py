@@ -3,12 +3,10 @@ measurements it must reproduce, and the report / recommendations built on it."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
-import sys
-from pathlib import Path
 
 import pytest
+import repo_scripts
 import torch
 from rich.console import Console
 
@@ -19,21 +17,14 @@ from finetune.estimate.gpu import GPU, KNOWN_GPUS, GiB
 from finetune.estimate.memory import CUDA_CONTEXT_BYTES, TERMS, plan, saved_after_forward
 from finetune.models import registry
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _load(*overrides: str) -> config.Recipe:
     return config.load(None, list(overrides))
 
 
 def _bench():
-    """scripts/bench_memory.py: how the GPU benchmark builds a model for training, and the published settings."""
-    if "bench_memory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_memory"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_memory"]
+    """scripts/bench_memory.py: how the benchmark builds a model for training, and the published settings."""
+    return repo_scripts.load("bench_memory")
 
 
 def _saved_by_autograd(model: torch.nn.Module, recipe: config.Recipe) -> int:

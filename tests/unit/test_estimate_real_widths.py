@@ -8,15 +8,12 @@ in seconds; docs/memory.md has the same table at Qwen2.5-7B's and Llama-2-7B's r
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+import repo_scripts
 
 from finetune.estimate.memory import GiB
 
-ROOT = Path(__file__).resolve().parents[2]
 REDUCED = {"hidden_size": 256, "intermediate_size": 704, "num_attention_heads": 4, "num_key_value_heads": 2,
            "vocab_size": 8192}
 """Qwen2.5-7B's and Llama-2-7B's shapes, narrowed (GQA kept for Qwen, widths multiples of 64 for bitsandbytes)."""
@@ -24,12 +21,8 @@ LENGTH = 256
 
 
 def _bench():
-    if "bench_memory" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_memory"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_memory"]
+    """scripts/bench_memory.py: how the benchmark builds a model for training, and the published settings."""
+    return repo_scripts.load("bench_memory")
 
 
 def _cells() -> list:

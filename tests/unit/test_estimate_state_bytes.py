@@ -6,11 +6,9 @@ builds for the GPU benchmark (bitsandbytes 4/8-bit, PEFT, TRL's fused head, the 
 from __future__ import annotations
 
 import dataclasses
-import importlib.util
-import sys
-from pathlib import Path
 
 import pytest
+import repo_scripts
 import torch
 
 from finetune import config
@@ -18,16 +16,10 @@ from finetune.estimate.memory import model_state_bytes, plan
 from finetune.models import registry
 from finetune.models.registry import ModelSpec
 
-ROOT = Path(__file__).resolve().parents[2]
-
 
 def _bench():
-    if "bench_memory" not in sys.modules:  # one module for every test file that loads it
-        spec = importlib.util.spec_from_file_location("bench_memory", ROOT / "scripts" / "bench_memory.py")
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["bench_memory"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["bench_memory"]
+    """scripts/bench_memory.py: how the benchmark builds a model for training, and the published settings."""
+    return repo_scripts.load("bench_memory")
 
 
 bench = _bench()
