@@ -30,8 +30,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
 from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
@@ -85,17 +83,7 @@ def _load(pairs: list[str]) -> config.Recipe:
 
 def _options(kind: type, pairs: list[str], command: str):
     """Parse a command's own key=value options (not recipe keys) against a small schema, with did-you-mean."""
-    keys = list(kind.__dataclass_fields__)
-    for pair in pairs:
-        key = pair.split("=", 1)[0]
-        if key not in keys:
-            raise UserError(f"`finetune {command}`: unknown key '{key}'{did_you_mean(key, keys)}; "
-                            f"valid keys: {', '.join(keys)}")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(kind), OmegaConf.from_dotlist(pairs))
-        return OmegaConf.to_object(merged)
-    except OmegaConfBaseException as exc:
-        raise UserError(f"`finetune {command}`: {str(exc).splitlines()[0]}") from None
+    return config.parse_options(kind, pairs, command)
 
 
 # ---------------------------------------------------------------------------------------------------- commands
@@ -148,9 +136,7 @@ def _estimate(recipe: config.Recipe, *, as_json: bool, png: Optional[str], compa
 
 def _spec_for_estimate(recipe: config.Recipe, registry):
     """The estimator counts from shipped configs, so it needs no download: a registry name or a known hub id."""
-    if recipe.model in registry.models():
-        return registry.spec(recipe.model, recipe.variant)
-    known = registry.spec_for_hub_id(recipe.model)
+    known = registry.known_spec(recipe.model, recipe.variant)
     if known is None:
         raise UserError(f"model {recipe.model} is not in the registry, so its memory cannot be estimated before "
                         f"download; use a registry name (`finetune list models`){did_you_mean(recipe.model, registry.models())}")

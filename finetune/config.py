@@ -275,6 +275,23 @@ def _schema_keys(node: Any = Recipe, prefix: str = "") -> list[str]:
     return keys
 
 
+def parse_options(kind: type, pairs: list[str], command: str, exclude: tuple[str, ...] = ()) -> Any:
+    """A command's own key=value options (not recipe keys) against a small dataclass schema — nested sections as
+    dotted keys (`eval.task=mmlu`) — with did-you-mean. `exclude`: inherited fields this command does not take."""
+    every = [key for key in _schema_keys(kind) if key not in exclude]
+    keys = [key for key in every if not any(other.startswith(f"{key}.") for other in every)]  # leaves only
+    for pair in pairs:
+        key = pair.split("=", 1)[0]
+        if key not in keys:
+            raise UserError(f"`finetune {command}`: unknown key '{key}'{did_you_mean(key, keys)}; "
+                            f"valid keys: {', '.join(keys)}")
+    try:
+        merged = OmegaConf.merge(OmegaConf.structured(kind), OmegaConf.from_dotlist(pairs))
+        return OmegaConf.to_object(merged)
+    except OmegaConfBaseException as exc:
+        raise UserError(f"`finetune {command}`: {str(exc).splitlines()[0]}") from None
+
+
 def _explain(exc: OmegaConfBaseException, where: str) -> UserError:
     key = getattr(exc, "full_key", None) or ""
     inner: Optional[BaseException] = exc

@@ -10,9 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
-from omegaconf import OmegaConf
-from omegaconf.errors import OmegaConfBaseException
-
+from finetune.config import parse_options
 from finetune.errors import UserError, did_you_mean
 from finetune.infer.options import LoadOptions
 
@@ -43,29 +41,9 @@ class EvalOptions(LoadOptions):
     overwrite: bool = False  # replace an existing eval directory (same as --force)
 
 
-KEYS = [k for k in EvalOptions.__dataclass_fields__ if k not in ("eval", "adapters")]
-EVAL_KEYS = list(EvalSettings.__dataclass_fields__)
-
-
 def parse(pairs: list[str], force: bool = False) -> EvalOptions:
     """`key=value` items → EvalOptions; an unknown key is one error naming the valid ones."""
-    for pair in pairs:
-        key = pair.split("=", 1)[0]
-        top, _, sub = key.partition(".")
-        if top == "eval" and sub in EVAL_KEYS:
-            continue
-        if top == "eval":
-            raise UserError(f"`finetune eval`: unknown key '{key}'"
-                            f"{did_you_mean(key, ['eval.' + k for k in EVAL_KEYS])}; eval keys: "
-                            f"{', '.join('eval.' + k for k in EVAL_KEYS)}")
-        if key not in KEYS:
-            raise UserError(f"`finetune eval`: unknown key '{key}'{did_you_mean(key, KEYS)}; valid keys: "
-                            f"{', '.join(KEYS)}, eval.*")
-    try:
-        merged = OmegaConf.merge(OmegaConf.structured(EvalOptions), OmegaConf.from_dotlist(pairs))
-        options: EvalOptions = OmegaConf.to_object(merged)  # type: ignore[assignment]
-    except OmegaConfBaseException as exc:
-        raise UserError(f"`finetune eval`: {str(exc).splitlines()[0]}") from None
+    options: EvalOptions = parse_options(EvalOptions, pairs, "eval", exclude=("adapters",))
     options.overwrite = options.overwrite or force
     check(options)
     return options

@@ -23,7 +23,7 @@ def _facts(source: Source):
     from finetune.models import registry
 
     name = source.registry_name
-    spec = registry.spec(name) if name in registry.models() else registry.spec_for_hub_id(name or "")
+    spec = registry.known_spec(name or "")
     if spec is None:
         return None, None
     return params.facts(config.load(None, [f"model={spec.name}", "method=full"]), spec), spec.context_length

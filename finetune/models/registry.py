@@ -244,6 +244,12 @@ def spec(name: str, variant: Optional[str] = None) -> ModelSpec:
                     f"its variants: {', '.join(names)}")
 
 
+def known_spec(name: str, variant: Optional[str] = None) -> Optional[ModelSpec]:
+    """A registry name (with `variant`), or a hub id the registry knows; None otherwise. What can be planned from the
+    shipped configs, without a download."""
+    return spec(name, variant) if name in models() else spec_for_hub_id(name)
+
+
 def spec_for_hub_id(hub_id: str) -> Optional[ModelSpec]:
     """The registry entry a hub id (Hugging Face or ModelScope, any case) belongs to, if any."""
     wanted = hub_id.lower()
