@@ -122,7 +122,7 @@ def _estimate(recipe: config.Recipe, *, as_json: bool, png: Optional[str], compa
     from finetune.estimate import gpu, report
     from finetune.models import registry
 
-    spec = _spec_for_estimate(recipe, registry)
+    spec = registry.spec_for_estimate(recipe.model, recipe.variant)
     result = report.estimate_report(recipe, spec, gpu.detect(), gpu_mem=recipe.gpu_mem, compare=compare)
     if as_json:
         print(json.dumps(result, default=str))
@@ -132,15 +132,6 @@ def _estimate(recipe: config.Recipe, *, as_json: bool, png: Optional[str], compa
         report.save_breakdown_png(result, Path(png))
         err.print(f"breakdown chart: {png}")
     return 3 if result["fits"] is False else 0
-
-
-def _spec_for_estimate(recipe: config.Recipe, registry):
-    """The estimator counts from shipped configs, so it needs no download: a registry name or a known hub id."""
-    known = registry.known_spec(recipe.model, recipe.variant)
-    if known is None:
-        raise UserError(f"model {recipe.model} is not in the registry, so its memory cannot be estimated before "
-                        f"download; use a registry name (`finetune list models`){did_you_mean(recipe.model, registry.models())}")
-    return known
 
 
 def cmd_data(args: list[str]) -> int:

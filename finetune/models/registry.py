@@ -250,6 +250,15 @@ def known_spec(name: str, variant: Optional[str] = None) -> Optional[ModelSpec]:
     return spec(name, variant) if name in models() else spec_for_hub_id(name)
 
 
+def spec_for_estimate(name: str, variant: Optional[str] = None) -> ModelSpec:
+    """known_spec, or one clear error: the estimator counts from shipped configs, so it needs no download."""
+    known = known_spec(name, variant)
+    if known is None:
+        raise UserError(f"model {name} is not in the registry, so its memory cannot be estimated before download; "
+                        f"use a registry name (`finetune list models`){did_you_mean(name, models())}")
+    return known
+
+
 def spec_for_hub_id(hub_id: str) -> Optional[ModelSpec]:
     """The registry entry a hub id (Hugging Face or ModelScope, any case) belongs to, if any."""
     wanted = hub_id.lower()

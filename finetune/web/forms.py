@@ -126,13 +126,12 @@ class EstimateView:
 def estimate(recipe_name: Optional[str], values: dict[str, Any], extra: Optional[str] = None,
              workdir: Optional[Path] = None) -> EstimateView:
     """The CLI's `finetune estimate` for the fields: verdict, the estimator's PNG, ranked fixes, the recipe YAML."""
-    from finetune.cli import _spec_for_estimate  # the CLI's own rule for which models can be estimated
     from finetune.estimate import gpu, report
     from finetune.models import registry
 
     try:
         recipe, items = resolve(recipe_name, values, extra)
-        spec = _spec_for_estimate(recipe, registry)
+        spec = registry.spec_for_estimate(recipe.model, recipe.variant)
         result = report.estimate_report(recipe, spec, gpu.detect(), gpu_mem=recipe.gpu_mem)
     except UserError as exc:
         return EstimateView(error=f"error: {exc}", verdict=f"error: {exc}")
