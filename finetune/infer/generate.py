@@ -126,7 +126,8 @@ class Engine:
         offered some) the text is held to the end, where it is either tool calls or one content delta: a call
         cannot be told from text before it is complete."""
         sampling = replace(sampling, max_tokens=min(sampling.max_tokens, self.room(prompt)))
-        done, stream = Completion(prompt_tokens=len(prompt)), TextStream(self.tokenizer, sampling.stop)
+        stops = sampling.stop + (tool_calls.STOPS.get(self.template, ()) if tools else ())
+        done, stream = Completion(prompt_tokens=len(prompt)), TextStream(self.tokenizer, stops)
         send = None if tools else on_text
         if cancel is not None and cancel.is_set():  # its client left while it waited its turn
             done.finish_reason = "cancelled"

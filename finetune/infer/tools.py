@@ -2,7 +2,9 @@
 
 Qwen2.5 writes each call as `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` after optional text;
 ChatGLM3 writes the tool's name as the reply's metadata line, then a ```python tool_call(k=v, ...)``` block (its
-official finetune demo's format). Families without a tool format never get here (the prompt refuses tools).
+official finetune demo's format); Qwen-1 writes ReAct text — "Thought: ...\\nAction: name\\nAction Input: {json}",
+read as Qwen's openai_api.py parse_response does, its "Observation:" being a stop string (STOPS) — and answers
+after "Final Answer: ". Families without a tool format never get here (the prompt refuses tools).
 Text that does not parse as a call stays the answer's content: a model that half-learned the format answers in
 words rather than failing the request.
 """
@@ -14,6 +16,8 @@ import json
 import re
 import uuid
 from typing import Any, Optional
+
+from finetune.models import qwen1_react
 
 _QWEN_CALL = re.compile(r"<tool_call>\s*(.*?)\s*</tool_call>", re.S)
 _GLM_CALL = re.compile(r"(?P<name>[^\s`]+)\s*\n\s*```python\s*\n(?P<code>.*?)\n?\s*```\s*", re.S)
@@ -55,7 +59,27 @@ def _chatglm3(text: str) -> tuple[Optional[str], list[dict[str, Any]]]:
     return None, [openai_call(match["name"], arguments)]
 
 
-PARSERS = {"qwen2_5": _qwen2_5, "chatglm3": _chatglm3}
+def _qwen1(text: str) -> tuple[Optional[str], list[dict[str, Any]]]:
+    action, action_input = text.find("\nAction:"), text.find("\nAction Input:")
+    if 0 <= action < action_input:
+        end = text.find(qwen1_react.OBSERVATION, action_input)
+        arguments = text[action_input + len("\nAction Input:"): None if end < 0 else end].strip()
+        try:
+            parsed = json.loads(arguments)
+        except json.JSONDecodeError:
+            return text, []
+        if not isinstance(parsed, dict):
+            return text, []
+        thought = text[:action]
+        thought = thought[thought.find("Thought: ") + len("Thought: "):] if "Thought: " in thought else thought
+        return thought.strip() or None, [openai_call(text[action + len("\nAction:"):action_input].strip(), parsed)]
+    final = text.rfind("\nFinal Answer: ")
+    return (text[final + len("\nFinal Answer: "):] if final >= 0 else text), []
+
+
+PARSERS = {"qwen2_5": _qwen2_5, "chatglm3": _chatglm3, "qwen1": _qwen1}
+STOPS = {"qwen1": (qwen1_react.STOP,)}
+"""Stop strings a family's tool format needs while tools are offered."""
 
 
 def parse(template: str, text: str) -> tuple[Optional[str], list[dict[str, Any]]]:

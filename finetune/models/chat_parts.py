@@ -6,8 +6,9 @@ conversation, picks the layout and turns the parts into ids and labels.
 Tools: Qwen2.5 renders them as its chat_template does (`# Tools` system block, `<tool_call>` JSON, results as
 `<tool_response>` in a user turn); ChatGLM3 as its official code does (tools as indented JSON in the system message,
 a call as `<|assistant|>{name}` + a ```python tool_call(...)``` block, results as `<|observation|>` turns). The call
-and the token after it are trained like an answer; results never are. Qwen-1, Llama-2 and Baichuan2 have no tool
-format in their chat code (NO_TOOLS says why).
+and the token after it are trained like an answer; results never are. Qwen-1's tool use is ReAct text in plain
+messages (finetune.models.qwen1_react makes those messages). Llama-2 and Baichuan2 have no tool format in their
+chat code (NO_TOOLS says why).
 """
 
 from __future__ import annotations
@@ -106,13 +107,17 @@ def baichuan2(system: Optional[str], turns: Turns, tools: Tools) -> list[Part]:
     return parts + [_tok("<reserved_107>") if turns[-1]["role"] == "user" else _tok("</s>", trained=True)]
 
 
-def qwen1(system: Optional[str], turns: Turns, tools: Tools) -> list[Part]:
+def qwen1(system: Optional[str], turns: Turns) -> list[Part]:
     # make_context: role, "\n" and content encoded separately; content + <|im_end|> trained, not the "\n" after.
+    # An assistant message from qwen1_react (tool conversations) says which spans of its content are trained
+    # (`train`), and whether the prompt continues it (`open`: no <|im_end|>, generation goes on from its text).
     parts = []
     for m in [{"role": "system", "content": system}, *turns]:
         answer = m["role"] == "assistant"
-        parts += [_tok("<|im_start|>"), _text(m["role"]), _text("\n"), _text(m["content"], trained=answer),
-                  _tok("<|im_end|>", trained=answer), _text("\n")]
+        train = m.get("train", ((0, len(m["content"])),) if answer else ())
+        parts += [_tok("<|im_start|>"), _text(m["role"]), _text("\n"), Part(text=m["content"], train=train)]
+        if not m.get("open"):
+            parts += [_tok("<|im_end|>", trained=answer), _text("\n")]
     if turns[-1]["role"] == "user":
         parts += [_tok("<|im_start|>"), _text("assistant"), _text("\n")]
     return parts
@@ -176,9 +181,6 @@ def llama2(system: Optional[str], turns: Turns, tools: Tools) -> list[Part]:
 QWEN1_SYSTEM = "You are a helpful assistant."
 QWEN2_5_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
 NO_TOOLS = {
-    "qwen1": "Qwen-1 has no tool turns in its chat format: its function calling is ReAct text written inside plain "
-             "user/assistant messages (Qwen's examples/function_call_finetune_examples.py); write your tool steps as "
-             "such text, or train Qwen2.5 or ChatGLM3, which have a tool format",
     "llama2": "Llama-2-chat has no official tool-call format; train Qwen2.5 or ChatGLM3 for tool use",
     "baichuan2": "Baichuan2-Chat has no official tool-call format; train Qwen2.5 or ChatGLM3 for tool use",
 }

@@ -22,7 +22,8 @@ whitespace holds a line break ("\\n" + "\\nHi" merges into "\\n\\n"); Llama-2's 
 contents as Meta does (Go templates have no trim), so there a content with leading or trailing whitespace differs.
 Special-token strings inside contents become tokens there, while the official code (and so encode_*) keeps them as
 text for chatglm3, qwen1 and llama2. Tools render only through encode_* and the Qwen2.5 HF template (ChatGLM3's
-call is Python repr text, which jinja and Go cannot reproduce exactly; the other HF templates refuse tools).
+call is Python repr text, which jinja and Go cannot reproduce exactly; Qwen-1's ReAct text is rebuilt from the
+tool schemas by qwen1_react; the other HF templates refuse tools).
 """
 
 from __future__ import annotations
@@ -32,7 +33,7 @@ import json
 from dataclasses import dataclass, field
 from typing import Any, Callable, Optional
 
-from finetune.models import chat_parts, registry, text_templates
+from finetune.models import chat_parts, qwen1_react, registry, text_templates
 from finetune.models.chat_parts import NO_TOOLS, QWEN1_SYSTEM, QWEN2_5_SYSTEM, Message, Part, Tools, Turns
 
 IGNORE = -100
@@ -57,7 +58,7 @@ class ChatFormat:
 FORMATS: dict[str, ChatFormat] = {f.name: f for f in (
     ChatFormat("chatglm3", chat_parts.chatglm3, None, plain_contents=True),
     ChatFormat("baichuan2", chat_parts.baichuan2, None, plain_contents=False, no_tools=NO_TOOLS["baichuan2"]),
-    ChatFormat("qwen1", chat_parts.qwen1, QWEN1_SYSTEM, plain_contents=True, no_tools=NO_TOOLS["qwen1"]),
+    ChatFormat("qwen1", qwen1_react.render, QWEN1_SYSTEM, plain_contents=True),
     ChatFormat("qwen2_5", chat_parts.qwen2_5, QWEN2_5_SYSTEM, plain_contents=False),
     ChatFormat("llama2", chat_parts.llama2, None, plain_contents=True, no_tools=NO_TOOLS["llama2"],
                reserved=("[INST]", "[/INST]", "<<SYS>>", "<</SYS>>")),
@@ -75,6 +76,7 @@ def default_system(template: str) -> Optional[str]:
     return chat_format(template).default_system
 
 
+ONE_CALL_PER_TURN = {"chatglm3": "ChatGLM3", "qwen1": "Qwen-1's ReAct"}
 FOLLOWS = {"user": ("assistant",), "assistant": ("user",), "call": ("tool",), "tool": ("tool", "assistant")}
 """Which roles may follow a turn: a user turn, an answer, an assistant turn with tool calls, a tool result."""
 
@@ -124,9 +126,9 @@ def _check_tools(fmt: ChatFormat, turns: Turns, tools: Tools) -> None:
     for i, tool in enumerate(tools or ()):
         if not isinstance(chat_parts.function_schema(tool).get("name"), str):
             raise ValueError(f"tools[{i}] has no name")
-    if fmt.name == "chatglm3" and any(len(m.get("calls", ())) > 1 for m in turns):
-        raise ValueError("ChatGLM3 makes one tool call per assistant turn (its official format); "
-                         "split parallel calls into consecutive call/result turns")
+    if fmt.name in ONE_CALL_PER_TURN and any(len(m.get("calls", ())) > 1 for m in turns):
+        raise ValueError(f"{ONE_CALL_PER_TURN[fmt.name]} makes one tool call per assistant turn (its official "
+                         "format); split parallel calls into consecutive call/result turns")
 
 
 def _split(fmt: ChatFormat, messages: list[Message], tools: Tools, last: tuple[str, ...]

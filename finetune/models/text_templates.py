@@ -12,6 +12,8 @@ from finetune.models.chat_parts import NO_TOOLS, QWEN1_SYSTEM, QWEN2_5_SYSTEM, Q
 
 CHATGLM3_HF_NO_TOOLS = ("this chat template renders ChatGLM3 without tools: its tool calls are Python repr text "
                         "that a chat template cannot reproduce exactly (finetune renders them)")
+QWEN1_HF_NO_TOOLS = ("this chat template renders Qwen-1 without tools: its tool use is ReAct text that finetune "
+                     "writes into plain messages (finetune.models.qwen1_react); pass the conversation to finetune")
 
 
 def _no_tools_jinja(reason: str) -> str:
@@ -94,7 +96,7 @@ HF: dict[str, str] = {
       "{%- else -%}{{- '<reserved_107>' -}}{%- generation -%}"
       "{{- m['content'] + ('</s>' if loop.last else '') -}}{%- endgeneration -%}{%- endif -%}{%- endfor -%}"
       "{%- if add_generation_prompt -%}{{- '<reserved_107>' -}}{%- endif -%}",
-    "qwen1": _no_tools_jinja(NO_TOOLS["qwen1"]) + _chatml_jinja(QWEN1_SYSTEM),
+    "qwen1": _no_tools_jinja(QWEN1_HF_NO_TOOLS) + _chatml_jinja(QWEN1_SYSTEM),
     "qwen2_5": _qwen2_5_jinja(),
     "llama2": _no_tools_jinja(NO_TOOLS["llama2"]) + "{%- if messages[0]['role'] == 'system' -%}"
     "{%- set msgs = [{'role': 'user', 'content': '<<SYS>>\\n' + messages[0]['content'] + '\\n<</SYS>>\\n\\n'"

@@ -17,7 +17,7 @@ from finetune.models import templates
 from finetune.models.tokenizers import bundled_tokenizer
 
 M = -100
-MODELS = {"qwen2_5": "tiny_qwen2_5", "chatglm3": "tiny_chatglm3", "llama2": "tiny_llama2"}
+MODELS = {"qwen2_5": "tiny_qwen2_5", "chatglm3": "tiny_chatglm3", "qwen1": "tiny_qwen1", "llama2": "tiny_llama2"}
 WEATHER = {"name": "get_weather", "description": "天气", "parameters": {
     "type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}
 SHAREGPT_TOOLS = {  # LLaMA-Factory's glaive_toolcall layout: function_call / observation turns, tools as JSON text
@@ -81,7 +81,7 @@ def test_tool_files_load_with_declared_features_and_tools_kept_exactly(tmp_path)
     assert [json.loads(t) for t in train["tools"]] == [OPENAI_TOOLS["tools"], second["tools"]]
 
 
-@pytest.mark.parametrize("family", ["qwen2_5", "chatglm3"])
+@pytest.mark.parametrize("family", ["qwen2_5", "chatglm3", "qwen1"])
 def test_tool_data_reaches_the_trainer_as_the_family_tool_format(tmp_path, family):
     tok = bundled_tokenizer(family)
     (tmp_path / "tools").mkdir()  # one file per layout, read as one directory

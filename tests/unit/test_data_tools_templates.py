@@ -4,7 +4,8 @@ answers only (never on tool results); families without a tool format refuse tool
 References: Qwen2.5's chat_template exactly as published (tokenizer_config.json in finetune/models/tokenizer_files),
 run by transformers' apply_chat_template; ChatGLM3's tool format re-implemented here from its official code
 (tokenization_chatglm.py build_single_message / build_chat_input, finetune_chatmodel_demo's format_conversation)
-with SentencePiece called directly.
+with SentencePiece called directly; Qwen-1's ReAct text written out literally from Qwen's openai_api.py
+(parse_messages) and examples/function_call_finetune_examples.py, tokenized with tiktoken as make_context does.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import ast
 import json
 
 import pytest
-from test_templates import sp
+from test_templates import q, qwen, sp
 
 from finetune.models import templates
 from finetune.models.tokenizers import BUNDLED, bundled_tokenizer
@@ -164,8 +165,75 @@ def test_chatglm3_refuses_parallel_calls_in_one_turn():
         templates.encode_conversation("chatglm3", bundled_tokenizer("chatglm3"), PARALLEL, tools=[WEATHER, NOW])
 
 
-@pytest.mark.parametrize("family,reason", [("qwen1", "Qwen-1 has no tool turns.*ReAct"),
-                                           ("llama2", "Llama-2-chat has no official tool-call format"),
+QWEN1_INSTRUCTION = (  # openai_api.py REACT_INSTRUCTION with TOOL_DESC per tool, names joined by ", "
+    "Answer the following questions as best you can. You have access to the following APIs:\n\n"
+    "get_weather: Call this tool to interact with the get_weather API. What is the get_weather API useful for? "
+    '天气 for a city Parameters: {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}'
+    "\n\nnow: Call this tool to interact with the now API. What is the now API useful for? Current time "
+    'Parameters: {"type": "object", "properties": {}}\n\n'
+    "Use the following format:\n\nQuestion: the input question you must answer\n"
+    "Thought: you should always think about what to do\n"
+    "Action: the action to take, should be one of [get_weather, now]\nAction Input: the input to the action\n"
+    "Observation: the result of the action\n"
+    "... (this Thought/Action/Action Input/Observation can be repeated zero or more times)\n"
+    "Thought: I now know the final answer\nFinal Answer: the final answer to the original input question\n\n"
+    "Begin!")
+QWEN1_ROUND_1 = ('Thought: \nAction: get_weather\nAction Input: {"city": "北京", "days": 2, "note": "it\'s"}'
+                 '\nObservation: {"temp": 22}\nThought: I now know the final answer.\nFinal Answer: 22 度。')
+QWEN1_ROUND_2 = ("Thought: Let me check the time.\nAction: now\nAction Input: {}\nObservation: 10:00"
+                 "\nThought: I now know the final answer.\nFinal Answer: It is 10:00.")
+
+
+def qwen1_message(role: str, content: str) -> list[int]:
+    """make_context / finetune.py: <|im_start|> + role + "\\n" + content (each encoded alone) + <|im_end|> + "\\n"."""
+    return [151644] + q(role) + q("\n") + q(content) + [151645] + q("\n")
+
+
+def test_qwen1_tool_conversation_is_react_text_in_plain_messages_token_for_token():
+    tok = bundled_tokenizer("qwen1")
+    encoded = templates.encode_conversation("qwen1", tok, SINGLE, tools=[WEATHER, NOW])
+    expected = sum([qwen1_message("system", "You are a helpful assistant."),
+                    qwen1_message("user", f"{QWEN1_INSTRUCTION}\n\nQuestion: 北京天气？"),
+                    qwen1_message("assistant", QWEN1_ROUND_1), qwen1_message("user", "Thanks."),
+                    qwen1_message("assistant", QWEN1_ROUND_2)], [])
+    assert encoded.input_ids == expected
+    assert trained_text(tok, encoded) == (  # calls, the "Observation:" that stops them, answers; never a result
+        'Thought: \nAction: get_weather\nAction Input: {"city": "北京", "days": 2, "note": "it\'s"}\nObservation:'
+        "Thought: I now know the final answer.\nFinal Answer: 22 度。<|im_end|>"
+        "Thought: Let me check the time.\nAction: now\nAction Input: {}\nObservation:"
+        "Thought: I now know the final answer.\nFinal Answer: It is 10:00.<|im_end|>")
+
+
+def test_qwen1_prompt_after_a_result_is_openai_api_text_completion():
+    """openai_api.py: a conversation ending with a function result is continued as text after "\\nThought:" —
+    the whole prompt encoded as one string without the last <|im_end|>."""
+    conv = [{"role": "system", "content": "\nBe brief. "}, *SINGLE[:3]]
+    text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
+            f"{QWEN1_INSTRUCTION}\n\nQuestion: 北京天气？<|im_end|>\n<|im_start|>assistant\n"
+            f"{QWEN1_ROUND_1.split(chr(10) + 'Thought: I now')[0]}\nThought:")
+    assert templates.encode_prompt("qwen1", bundled_tokenizer("qwen1"), conv, tools=[WEATHER, NOW]) == \
+        qwen().encode(text, allowed_special="all")
+
+
+def test_qwen1_prompt_for_the_next_question_is_make_context_with_the_react_history():
+    prompt = templates.encode_prompt("qwen1", bundled_tokenizer("qwen1"), SINGLE[:5], tools=[WEATHER, NOW])
+    assert prompt == sum([qwen1_message("system", "You are a helpful assistant."),
+                          qwen1_message("user", f"{QWEN1_INSTRUCTION}\n\nQuestion: 北京天气？"),
+                          qwen1_message("assistant", QWEN1_ROUND_1)], []) + [151644] + q("user") + q("\n") + \
+        q("Thanks.") + [151645] + q("\n") + [151644] + q("assistant") + q("\n")
+
+
+def test_qwen1_refuses_parallel_calls_in_one_turn():
+    with pytest.raises(ValueError, match="Qwen-1's ReAct makes one tool call per assistant turn"):
+        templates.encode_conversation("qwen1", bundled_tokenizer("qwen1"), PARALLEL, tools=[WEATHER, NOW])
+
+
+def test_qwen1_exported_chat_template_refuses_tools_and_points_to_finetune():
+    with pytest.raises(Exception, match="Qwen-1 without tools.*ReAct"):
+        bundled_tokenizer("qwen1").apply_chat_template(SINGLE[:1], tools=[WEATHER], tokenize=False)
+
+
+@pytest.mark.parametrize("family,reason", [("llama2", "Llama-2-chat has no official tool-call format"),
                                            ("baichuan2", "Baichuan2-Chat has no official tool-call format")])
 def test_families_without_a_tool_format_refuse_tools_with_the_reason(family, reason):
     tok = bundled_tokenizer(family)

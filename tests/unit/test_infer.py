@@ -89,16 +89,28 @@ def test_engine_stops_at_the_family_stop_token_and_counts_it():
         engine.generate(list(range(64)))
 
 
-@pytest.mark.parametrize("family", ["qwen2_5", "chatglm3"])
+@pytest.mark.parametrize("family", ["qwen2_5", "chatglm3", "qwen1"])
 def test_tool_calls_read_back_what_the_template_renders(family):
     call = {"role": "assistant", "content": None,
             "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京", "days": 2, "hourly": True}}]}
     tok = bundled_tokenizer(family)
-    text = streamed(tok, answer_ids(family, call, [WEATHER]))[1].text
+    text = streamed(tok, answer_ids(family, call, [WEATHER]), tools.STOPS.get(family, ()))[1].text
     content, calls = tools.parse(family, text)
     assert content is None and len(calls) == 1
     assert calls[0]["function"]["name"] == "get_weather" and calls[0]["type"] == "function"
     assert calls[0]["function"]["arguments"] == '{"city": "北京", "days": 2, "hourly": true}'
+
+
+def test_qwen1_react_answers_read_back_as_openai_api_parses_them():
+    """The model stops at "Observation:" (a stop string while tools are offered); its thought is the content."""
+    tok = bundled_tokenizer("qwen1")
+    generated = tok.encode('Thought: 查一下。\nAction: get_weather\nAction Input: {"city": "北京"}\nObservation: x')
+    text = streamed(tok, generated, tools.STOPS["qwen1"])[1].text
+    content, calls = tools.parse("qwen1", text)
+    assert content == "查一下。" and calls[0]["function"]["arguments"] == '{"city": "北京"}'
+    assert tools.parse("qwen1", " I now know the final answer.\nFinal Answer: 22 度。") == ("22 度。", [])
+    assert tools.parse("qwen1", "Thought: x\nAction: f\nAction Input: not json") == (
+        "Thought: x\nAction: f\nAction Input: not json", [])
 
 
 def test_text_that_is_not_a_call_stays_content():
