@@ -159,6 +159,8 @@ class GrpoConfig:
     max_completion_length: int = 64
     beta: float = 0.0  # KL penalty against a reference model (0: no reference model is kept)
     temperature: float = 1.0
+    top_p: float = 1.0  # nucleus sampling of the answers (1: off)
+    top_k: int = 0  # sample among the k likeliest tokens (0: off); a tiny random model needs it to learn at all
 
 
 @dataclass
@@ -202,7 +204,8 @@ def choices(key: str) -> tuple[Any, ...]:
 
 POSITIVE: tuple[str, ...] = ("train.lr", "train.micro_batch", "train.grad_accum", "train.max_length", "lora.r",
                              "lora.alpha", "train.save_steps", "train.logging_steps",
-                             "freeze.layers", "grpo.num_generations", "grpo.max_completion_length")
+                             "freeze.layers", "grpo.num_generations", "grpo.max_completion_length",
+                             "grpo.temperature", "grpo.top_p")
 
 
 def recipe_dirs() -> list[Path]:
@@ -329,6 +332,9 @@ def _validate(recipe: Recipe, where: str) -> None:
     for key in POSITIVE:
         if OmegaConf.select(cfg, key) <= 0:
             raise UserError(f"{where}: {key} must be positive, got {OmegaConf.select(cfg, key)}")
+    if recipe.grpo.top_p > 1 or recipe.grpo.top_k < 0:
+        raise UserError(f"{where}: grpo.top_p must be in (0, 1] and grpo.top_k ≥ 0 (0: off), got "
+                        f"{recipe.grpo.top_p} and {recipe.grpo.top_k}")
     if recipe.train.logits == "full" and recipe.stage != "sft":
         raise UserError(f"{where}: train.logits=full is for stage=sft; stage={recipe.stage} scores tokens its own way")
     if recipe.model == "???":

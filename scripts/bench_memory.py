@@ -50,7 +50,7 @@ from finetune.estimate.memory import CUDA_CONTEXT_BYTES, GiB, plan
 from finetune.models import registry
 from finetune.models.native import native_config
 from finetune.models.registry import ModelSpec
-from finetune.train.model import DTYPES
+from finetune.train.model import DTYPES, freeze_all_but_last
 
 STD = 0.02
 
@@ -70,7 +70,7 @@ def prepare(recipe: Recipe, spec: ModelSpec, device: str) -> torch.nn.Module:
 
     cfg = native_config(spec)
     cfg._attn_implementation = recipe.train.attn_implementation
-    full_fp16 = recipe.method == "full" and recipe.train.precision == "fp16"
+    full_fp16 = recipe.method in ("full", "freeze") and recipe.train.precision == "fp16"
     dtype = torch.float32 if full_fp16 else DTYPES[recipe.train.precision]
     with torch.device(device), no_init_weights():
         model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
@@ -83,11 +83,13 @@ def prepare(recipe: Recipe, spec: ModelSpec, device: str) -> torch.nn.Module:
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-    if recipe.method != "full":
+    if recipe.method == "freeze":
+        freeze_all_but_last(model, recipe.freeze.layers)
+    elif recipe.method != "full":
         model = _add_lora(model, recipe, spec)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        if recipe.method != "full":
+        if recipe.method in ("lora", "qlora"):
             model.enable_input_require_grads()
     model.train()
     return model
@@ -296,6 +298,7 @@ CPU_SETTINGS = {  # name -> overrides; every one with train.logits=chunked and =
     "lora": ["method=lora"],
     "qlora": ["method=qlora"],
     "qlora upcast": ["method=qlora", "quant.upcast=true"],
+    "freeze": ["method=freeze", "freeze.layers=1"],  # the last of CPU_LAYERS=2 trains, the first is frozen
 }
 CPU_COLUMNS = ("weights", "activations", "logits", "layer backward", "step peak")
 """What the CPU mode compares: the frozen weights, what autograd saves for backward (the backbone's), the loss
@@ -541,7 +544,7 @@ class CpuCell:
         """The shipped base recipe of the method (LoRA r=16; QLoRA r=64 on every linear), one sequence, no
         accumulation. LoRA dropout off: on a CPU dropout keeps a mask in the input's dtype, on a GPU a boolean."""
         method = CPU_SETTINGS[self.setting][0].split("=")[1]
-        return config.load(f"base/{method}", [
+        return config.load(f"base/{'full' if method == 'freeze' else method}", [
             f"model={self.model}", *CPU_SETTINGS[self.setting], f"train.logits={self.logits}",
             f"train.max_length={self.seq}", f"train.gradient_checkpointing={str(self.ckpt).lower()}",
             f"train.attn_implementation={self.attn}", "train.micro_batch=1", "train.grad_accum=1",
@@ -574,6 +577,8 @@ def estimated_terms(recipe: Recipe, spec: ModelSpec) -> dict[str, int]:
 def measured_terms(model: torch.nn.Module, recipe: Recipe) -> dict[str, int]:
     """The same figures, measured on the fake model's timeline."""
     weights, trainable = state_split(model)
+    if recipe.method in ("full", "freeze"):  # the estimator's weights term holds the trained weights too
+        weights, trainable = weights + trainable, 0
     step = step_timeline(model, recipe)
     model.zero_grad(set_to_none=True)
     activations = step["saved"] - step["loss_saved"]
@@ -628,7 +633,7 @@ CPU_NOT_MEASURED = (
     "flash_attention_2 (needs a GPU; planned as SDPA, whose kernel saves the same)",
     "LoRA dropout > 0 (a CPU keeps a mask in the input's dtype, a GPU a boolean one)",
     ("micro_batch > 1 with padding, packing, DPO, DoRA and full fine-tuning at real widths (checked at tiny "
-     "widths in tests/unit/test_estimate_memory.py)"),
+     "widths in tests/unit/test_estimate_memory.py; freeze is measured here, full is freeze with every layer)"),
     "the CUDA context, allocator fragmentation, cuBLAS and FlashAttention workspaces (GPU only)",
 )
 

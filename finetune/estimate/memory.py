@@ -168,7 +168,7 @@ def _mlp_dtype(recipe: Recipe, b: _Bytes) -> int:
 def _layer(f: ModelFacts, recipe: Recipe, b: _Bytes, seq: int, padded: bool) -> _Layer:
     """Bytes autograd saves per token in one decoder layer (the eager s² term is per token too: x seq)."""
     a, h, i = b.act, f.hidden, f.intermediate
-    full = recipe.method == "full"
+    full = _weights_train(recipe)
     eager = recipe.train.attn_implementation == "eager"
     kv = f.heads if eager or padded or f.attention_mask_per_head or f.head_dim > FLASH_MAX_HEAD_DIM else f.kv_heads
     mlp = _mlp_dtype(recipe, b)
@@ -236,7 +236,7 @@ def _layer_moments(f: ModelFacts, recipe: Recipe, b: _Bytes, layer: _Layer, seq:
       attention      the attention half's saved tensors with the kernel's gradients: SDPA's q/k/v gradients and
                      FlashAttention's fp32 dq accumulator, or eager's softmax backward in fp32 (three [heads, s, s])"""
     a, s, h = b.act, b.stream, f.hidden
-    mlp, down, full = _mlp_dtype(recipe, b), _down(f), recipe.method == "full"
+    mlp, down, full = _mlp_dtype(recipe, b), _down(f), _weights_train(recipe)
     i, dropout = down.in_features, recipe.lora.dropout > 0
     shared = full or (down.lora and b.trainable == mlp and not dropout)  # down_proj's input is itself saved
     own_copy = 0 if shared or not down.lora else a * i  # else its adapter saves a 16-bit copy
@@ -264,6 +264,20 @@ def _layer_moments(f: ModelFacts, recipe: Recipe, b: _Bytes, layer: _Layer, seq:
     return max(backward, key=lambda m: m[0] * tokens + m[1]), forward
 
 
+def _weights_train(recipe: Recipe) -> bool:
+    """The trained tensors are the weights themselves (full, and freeze's last layers): linears save their inputs
+    for the weight gradients, norms a copy for theirs."""
+    return recipe.method in ("full", "freeze")
+
+
+def _layers_saving(f: ModelFacts, recipe: Recipe) -> int:
+    """Decoder layers whose tensors autograd saves: all of them, but only the trained ones under freeze — the
+    frozen layers before them compute from inputs that need no gradient, so autograd records nothing there.
+    (Under gradient checkpointing every layer's checkpoint still keeps its input, frozen or not: measured by
+    scripts/bench_memory.py --cpu.)"""
+    return min(recipe.freeze.layers, f.layers) if recipe.method == "freeze" else f.layers
+
+
 def _activations(f: ModelFacts, recipe: Recipe, b: _Bytes, seqs: int) -> tuple[int, int, int]:
     """(saved when backward starts, held at the worst moment of backward — the final norm's, or a layer's — and at
     the worst moment of forward, 0 under checkpointing, whose recomputation in backward holds more)."""
@@ -273,19 +287,23 @@ def _activations(f: ModelFacts, recipe: Recipe, b: _Bytes, seqs: int) -> tuple[i
     padded = (recipe.train.micro_batch > 1 and not recipe.data.packing
               and recipe.train.attn_implementation != "flash_attention_2")
     layer = _layer(f, recipe, b, seq, padded)
-    full, ckpt = recipe.method == "full", recipe.train.gradient_checkpointing
-    if ckpt:  # each layer's input (with an fp32 stream, also what the recomputed layer's first norm saves)
+    full, ckpt = _weights_train(recipe), recipe.train.gradient_checkpointing
+    layers = _layers_saving(f, recipe)
+    if ckpt:  # each layer's input, frozen ones too (with an fp32 stream, also what the recomputed layer's first
+        #       norm saves)
         saved = f.layers * b.stream * f.hidden * tokens
         recompute = -4 * f.hidden * tokens if b.stream == 4 else 0
-    else:  # under adapters the embeddings take no gradient: the first norm keeps no copy of its input
-        saved, recompute = f.layers * layer.saved * tokens - (0 if full else 4 * f.hidden * tokens), 0
-    final_norm = (4 + (b.kept if full else 0)) * f.hidden * tokens
+    else:  # the first saving layer's input needs no gradient (frozen embeddings or layers before it, adapters'
+        #    frozen base): its first norm keeps no fp32 copy of that input
+        first_input = 0 if recipe.method == "full" else 4 * f.hidden * tokens
+        saved, recompute = layers * layer.saved * tokens - first_input, 0
+    final_norm = (4 + (b.kept if recipe.method == "full" else 0)) * f.hidden * tokens  # freeze: its weight is frozen
     saved += final_norm + 2 * b.stream * f.head_dim * tokens  # + rotary cos/sin, shared by the layers
     casts = 0
     if b.trainable != b.act:  # autocast's 16-bit copies of the fp32 trainables, saved for backward
         casts = b.act * (f.params_trainable if full else f.params_adapter)
         if ckpt:  # made again with each recomputed layer
-            casts, recompute = 0, recompute + casts // f.layers
+            casts, recompute = 0, recompute + casts // layers
     saved += casts
     if f.attention_mask_per_head:  # ALiBi: an additive [b, heads, s, s] mask in the stream's dtype
         mask = seqs * f.heads * seq * seq
@@ -294,7 +312,7 @@ def _activations(f: ModelFacts, recipe: Recipe, b: _Bytes, seqs: int) -> tuple[i
         elif ckpt:  # kept for recomputation; autocast casts it in the layer
             saved, recompute = saved + mask * b.stream, recompute + mask * b.act
         else:  # autocast gives every layer's attention its own 16-bit copy, and each one is saved
-            saved += f.layers * mask * b.act
+            saved += layers * mask * b.act
     elif recipe.train.attn_implementation == "eager" and ckpt:
         saved += seqs * seq * seq * b.stream  # additive causal mask (the stream's dtype), an input of every layer
     elif padded:

@@ -66,7 +66,7 @@ def run(recipe: Recipe, *, force: bool = False) -> RunDir:
         splits = DatasetDict({name: prompts_and_answers(split, tokenizer) for name, split in built.items()})
         args = lifecycle.trainer_args(GRPOConfig, session, has_eval="eval" in splits,
                                       num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-                                      beta=g.beta, temperature=g.temperature)
+                                      beta=g.beta, temperature=g.temperature, top_p=g.top_p, top_k=g.top_k)
         model = load_model(session)
         model.generation_config.eos_token_id = lifecycle.stop_ids(session, tokenizer)  # answers end at our stops
         samples = lifecycle.before_samples(session, model, tokenizer, built)

@@ -55,6 +55,9 @@ ACTIVATION_CASES = [  # (model, method, attention, gradient checkpointing)
     ("tiny_qwen1", "qlora", "eager", False),
     ("tiny_baichuan2_7b", "lora", "sdpa", True),
     ("tiny_baichuan2_13b", "qlora", "sdpa", False),  # ALiBi: an fp32 mask, cast for every layer
+    ("tiny_qwen2_5", "freeze", "sdpa", False),  # freeze.layers=1 of 2: the frozen layer saves nothing
+    ("tiny_llama2", "freeze", "eager", False),
+    ("tiny_baichuan2_13b", "freeze", "sdpa", True),
 ]
 
 
@@ -64,7 +67,7 @@ def test_saved_activations_match_what_autograd_saves(model, method, attn, ckpt):
     # LoRA dropout off: on a CPU dropout keeps a full-size mask, on a GPU a boolean one (what the plan counts)
     recipe = _load(f"model={model}", f"method={method}", f"train.attn_implementation={attn}",
                    f"train.gradient_checkpointing={str(ckpt).lower()}", "train.max_length=64",
-                   "train.micro_batch=1", "lora.dropout=0")
+                   "train.micro_batch=1", "lora.dropout=0", "freeze.layers=1")
     spec = registry.spec(model)
     built, _ = _bench().build(recipe, spec, "cpu")
 
