@@ -633,7 +633,7 @@ CPU_NOT_MEASURED = (
     "flash_attention_2 (needs a GPU; planned as SDPA, whose kernel saves the same)",
     "LoRA dropout > 0 (a CPU keeps a mask in the input's dtype, a GPU a boolean one)",
     ("micro_batch > 1 with padding, packing, DPO, DoRA and full fine-tuning at real widths (checked at tiny "
-     "widths in tests/unit/test_estimate_memory.py; freeze is measured here, full is freeze with every layer)"),
+     "widths in tests/unit/test_estimate_memory.py; freeze is measured here)"),
     "the CUDA context, allocator fragmentation, cuBLAS and FlashAttention workspaces (GPU only)",
 )
 
