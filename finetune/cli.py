@@ -105,7 +105,7 @@ def cmd_train(args: list[str]) -> int:
 
     run = train.run(recipe, force=flags.force)
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate/torchrun every rank returns here
-        out.print(f"[bold green]done[/] — run directory: {run.path}")
+        out.print(f"[bold green]done[/] — run directory: {run.path}", soft_wrap=True)
     return 0
 
 
@@ -193,7 +193,7 @@ def cmd_export(args: list[str]) -> int:
 
     result = pipeline.export(Path(options.run), options.to, quant=options.quant, verify=options.verify,
                              force=flags.force, name=options.name)
-    out.print(result.summary())
+    out.print(result.summary(), soft_wrap=True)  # paths and `ollama create` lines are copied: never broken
     return 0
 
 

@@ -229,7 +229,8 @@ def finish(session: Session, trainer: Any, samples: list[report.Sample]) -> RunD
     result = trainer.train(resume_from_checkpoint=str(session.checkpoint) if session.checkpoint else None)
     if stop.interrupted and trainer.state.global_step < trainer.state.max_steps:
         session.console.print(f"[yellow]stopped[/] at step {trainer.state.global_step}, checkpoint saved; continue "
-                              f"with: finetune recipe={run.recipe_file} resume={run.path}")
+                              f"with: finetune recipe={run.recipe_file} resume={run.path}",
+                              soft_wrap=True)  # one line however long the paths: it is copied as a command
         raise KeyboardInterrupt
     if trainer.eval_dataset is not None and not any(
             "eval_loss" in row and row.get("step") == trainer.state.global_step for row in trainer.state.log_history):
