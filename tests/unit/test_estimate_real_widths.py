@@ -28,9 +28,8 @@ def _bench():
 def _cells() -> list:
     bench = _bench()
     modes = [("sdpa", True), ("sdpa", False), ("eager", True)]
-    adapters = [setting for setting in bench.CPU_SETTINGS if setting != "freeze"]
     return [bench.CpuCell(model, setting, logits, LENGTH, ckpt, attn)
-            for model in bench.CPU_MODELS for setting in adapters for logits in ("chunked", "full")
+            for model in bench.CPU_MODELS for setting in bench.ADAPTER_SETTINGS for logits in ("chunked", "full")
             for attn, ckpt in modes] + [  # freeze: which layers save, with and without checkpointing
         bench.CpuCell(model, "freeze", "chunked", LENGTH, ckpt) for model in bench.CPU_MODELS for ckpt in (True, False)]
 
