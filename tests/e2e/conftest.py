@@ -3,12 +3,14 @@ weights give through plain transformers (the reference what `chat` and `serve` m
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from filelock import FileLock
 
 from finetune.models import templates
 from finetune.rundir import RunDir
@@ -21,10 +23,17 @@ and its checkpoint at step 8 is a second, different adapter on the same base."""
 
 @pytest.fixture(scope="session")
 def chat_run(tmp_path_factory) -> RunDir:
-    path = tmp_path_factory.mktemp("chat") / "tiny-chat"
-    done = subprocess.run([sys.executable, "-m", "finetune", *TRAIN, f"output_dir={path}"], capture_output=True,
-                          text=True, timeout=600)
-    assert done.returncode == 0, done.stderr[-3000:]
+    """Trained once per test session — under pytest-xdist once for all workers (the first one trains, under a
+    lock in the workers' shared temporary root; the others wait and reuse it). Tests copy it before writing."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # pytest-of-USER/pytest-N/, above each worker's popen-gwK/
+    path = root / "shared-chat-run" / "tiny-chat"
+    with FileLock(str(root / "shared-chat-run.lock")):
+        if not RunDir(path).summary_file.is_file():
+            done = subprocess.run([sys.executable, "-m", "finetune", *TRAIN, f"output_dir={path}"],
+                                  capture_output=True, text=True, timeout=600)
+            assert done.returncode == 0, done.stderr[-3000:]
     run = RunDir(path)
     assert run.has_adapter and (run.checkpoints_dir / "checkpoint-8" / "adapter_config.json").is_file()
     return run
