@@ -27,3 +27,9 @@ ENGINES: dict[Distributed, Engine] = {
                             offload=True),
     "fsdp": Engine(launcher="fsdp", shards_weights=True),
 }
+
+
+def zero3(dist: str) -> bool:
+    """DeepSpeed ZeRO stage 3: the engine partitions the parameters themselves."""
+    engine = ENGINES[dist]  # type: ignore[index]
+    return engine.launcher == "deepspeed" and engine.shards_weights

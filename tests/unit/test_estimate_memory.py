@@ -14,7 +14,8 @@ from finetune import config
 from finetune.errors import UserError
 from finetune.estimate import recommend, report
 from finetune.estimate.gpu import GPU, KNOWN_GPUS, GiB
-from finetune.estimate.memory import CUDA_CONTEXT_BYTES, TERMS, plan, saved_after_forward
+from finetune.estimate.activations import saved_after_forward
+from finetune.estimate.memory import CUDA_CONTEXT_BYTES, TERMS, plan
 from finetune.models import registry
 
 
