@@ -42,7 +42,7 @@ def build(options: WebOptions):
 
     with gr.Blocks(title="finetune") as page:
         with gr.Row():
-            title = named(gr.Markdown(L("title")), "title", "value")
+            named(gr.Markdown(L("title")), "title", "value")
             lang = gr.Radio(list(LANGS), value="English", label="Language / 语言", scale=0, elem_id="lang")
         with gr.Tabs():
             with named(gr.Tab(L("tab_estimate"), id="estimate"), "tab_estimate"):

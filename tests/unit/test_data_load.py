@@ -8,7 +8,7 @@ import pytest
 from datasets import Dataset
 
 from finetune import config
-from finetune.data import load
+from finetune.data import files, load
 from finetune.errors import UserError
 
 
@@ -61,11 +61,11 @@ def test_directory_and_glob_read_every_data_file_in_order(tmp_path):
 
 
 def test_hub_ids_are_recognised_but_paths_never_are(tmp_path):
-    assert load.resolve("tatsu-lab/alpaca", "data.path") is None
+    assert files.resolve("tatsu-lab/alpaca", "data.path") is None
     with pytest.raises(UserError, match="does not exist"):
-        load.resolve("data/missing.jsonl", "data.path")
+        files.resolve("data/missing.jsonl", "data.path")
     with pytest.raises(UserError, match="no .* file matches"):
-        load.resolve(f"{tmp_path}/*.jsonl", "data.path")
+        files.resolve(f"{tmp_path}/*.jsonl", "data.path")
 
 
 def test_mix_weights_subsample_and_repeat_deterministically(tmp_path):

@@ -1,0 +1,176 @@
+"""One data source read as raw rows: the local files a path names (file, directory, glob) or a hub dataset, each
+file through `datasets` — and, when the JSON loader fails (its errors name no line), the line that broke it. With
+`on_bad_record=skip` unreadable lines are left out of a cleaned copy in the cache; the user's files are never
+written. `locate` names a row the way a person finds it in that file type (line, row or record).
+"""
+
+from __future__ import annotations
+
+import csv
+import glob
+import hashlib
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+from typing import Any, Optional
+
+import datasets
+from datasets import Dataset, Features, Value
+
+from finetune.data import formats
+from finetune.errors import UserError
+
+BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+
+
+def cache_dir(kind: str = "datasets") -> Path:
+    return Path(os.environ.get("FINETUNE_CACHE", "~/.cache/finetune")).expanduser() / kind
+
+
+def resolve(path: str, where: str) -> Optional[list[Path]]:
+    """The local files a data path names (a file, a directory, a glob), or None for a hub dataset id."""
+    candidate = Path(path).expanduser()
+    if candidate.is_file():
+        if candidate.suffix not in BUILDERS:
+            raise UserError(f"{where}: {path}: unsupported file type '{candidate.suffix}'; "
+                            f"use one of {', '.join(BUILDERS)}")
+        return [candidate]
+    if candidate.is_dir():
+        files = sorted(p for p in candidate.rglob("*") if p.is_file() and p.suffix in BUILDERS)
+        if not files:
+            raise UserError(f"{where}: directory {path} holds no {'/'.join(BUILDERS)} files")
+        return files
+    if glob.has_magic(path):
+        files = sorted(Path(p) for p in glob.glob(os.path.expanduser(path), recursive=True)
+                       if Path(p).is_file() and Path(p).suffix in BUILDERS)
+        if not files:
+            raise UserError(f"{where}: no {'/'.join(BUILDERS)} file matches {path}")
+        return files
+    if HUB_ID.match(path) and candidate.suffix not in BUILDERS:
+        return None
+    raise UserError(f"{where}: file {path} does not exist")
+
+
+def scan_json(path: Path) -> list[tuple[int, str, str]]:
+    """(line, reason, problem) for each line of a JSON Lines file that `datasets` cannot load as one row."""
+    problems: list[tuple[int, str, str]] = []
+    first_seen: dict[str, tuple[str, int]] = {}
+    with path.open(encoding="utf-8", errors="replace") as handle:
+        for number, line in enumerate(handle, 1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as exc:
+                problems.append((number, "malformed_json", f"not valid JSON ({exc.msg} at column {exc.colno})"))
+                continue
+            if not isinstance(record, dict):
+                problems.append((number, "malformed_json", f"a record must be a JSON object {{...}}, "
+                                                           f"got {formats.kind(record)}"))
+                continue
+            for key, value in record.items():
+                if value is None:
+                    continue
+                seen = first_seen.setdefault(key, (formats.kind(value), number))
+                if seen[0] != formats.kind(value):
+                    problems.append((number, "bad_type", f"'{key}' is {formats.kind(value)} here but {seen[0]} on "
+                                                         f"line {seen[1]}"))
+                    break
+    return problems
+
+
+def _json_array_problem(path: Path) -> Optional[str]:
+    """For a .json file holding one array: where it stops being valid JSON (None if it is JSON Lines or valid)."""
+    text = path.read_text(encoding="utf-8", errors="replace")
+    if not text.lstrip().startswith("["):
+        return None
+    try:
+        records = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return f"line {exc.lineno}: not valid JSON ({exc.msg} at column {exc.colno})"
+    bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
+    if bad is None:
+        return None
+    return f"record {bad + 1}: a record must be a JSON object {{...}}, got {formats.kind(records[bad])}"
+
+
+def _cleaned_copy(path: Path, bad_lines: set[int]) -> Path:
+    """A copy of a JSON Lines file without its unreadable lines, in the cache (the user's file stays untouched)."""
+    stat = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
+    target = cache_dir("cleaned") / f"{path.stem}-{key}.jsonl"
+    if not target.exists():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_suffix(f".tmp{os.getpid()}")
+        with path.open(encoding="utf-8", errors="replace") as src, tmp.open("w", encoding="utf-8") as dst:
+            dst.writelines(line for n, line in enumerate(src, 1) if n not in bad_lines)
+        os.replace(tmp, target)
+    return target
+
+
+def _csv_as_text(path: Path) -> dict[str, Any]:
+    """CSV cells stay text ("42" is an answer, not a number) and empty cells stay empty strings."""
+    with path.open(encoding="utf-8", newline="") as handle:
+        header = next(csv.reader(handle), [])
+    return {"features": Features({name: Value("string") for name in header}), "keep_default_na": False}
+
+
+def _load(builder: str, path: Path) -> Dataset:
+    kwargs = _csv_as_text(path) if builder == "csv" else {}
+    verbosity = datasets.logging.get_verbosity()
+    datasets.logging.set_verbosity(datasets.logging.CRITICAL)  # the JSON loader logs an unhelpful message first
+    try:
+        return datasets.load_dataset(builder, data_files=[str(path)], split="train",
+                                     cache_dir=str(cache_dir()), **kwargs)
+    finally:
+        datasets.logging.set_verbosity(verbosity)
+
+
+def read_file(path: Path, on_bad_record: str) -> tuple[Dataset, Counter]:
+    """One local file as a raw dataset, plus the lines left out (skip mode) counted by reason."""
+    builder = BUILDERS[path.suffix]
+    try:
+        return _load(builder, path), Counter()
+    except Exception as exc:  # datasets wraps the parser's error; find the line ourselves
+        if builder != "json":
+            raise UserError(f"{path}: cannot be read as {path.suffix[1:]}: {exc.__cause__ or exc}") from None
+        problem = _json_array_problem(path)
+        if problem:
+            raise UserError(f"{path} {problem}") from None
+        problems = scan_json(path)
+        if not problems:
+            raise UserError(f"{path}: cannot be read: {exc.__cause__ or exc}") from None
+        if on_bad_record == "error":
+            line, _, message = problems[0]
+            more = f" ({len(problems) - 1} more such lines)" if len(problems) > 1 else ""
+            raise UserError(f"{path} line {line}: {message}{more}; fix the file, or set data.on_bad_record=skip "
+                            f"to leave such records out (they are counted)") from None
+        cleaned = _cleaned_copy(path, {line for line, _, _ in problems})
+        return _load(builder, cleaned), Counter(reason for _, reason, _ in problems)
+
+
+def read_hub(name: str, where: str) -> Dataset:
+    try:
+        return datasets.load_dataset(name, split="train", cache_dir=str(cache_dir()))
+    except Exception as exc:
+        raise UserError(f"{where}: '{name}' is not a local path, and loading it as a hub dataset failed "
+                        f"({str(exc).splitlines()[0]}); check the path, or the network for hub datasets") from None
+
+
+def locate(src: str, row: int) -> str:
+    """Where row `row` (0-based) of source `src` is, in the words a person uses for that file type."""
+    path = Path(src)
+    if path.suffix == ".jsonl" or (path.suffix == ".json" and path.is_file()
+                                   and not path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("[")):
+        seen = -1
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            for number, line in enumerate(handle, 1):
+                seen += bool(line.strip())
+                if seen == row:
+                    return f"{src} line {number}"
+    if path.suffix in (".csv", ".parquet"):
+        return f"{src} row {row + 1}"
+    return f"{src} record {row + 1}"
