@@ -6,7 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional
 
-from finetune.config import Distributed
+from finetune.schema import Distributed
 
 
 @dataclass(frozen=True)

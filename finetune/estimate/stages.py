@@ -16,7 +16,8 @@ The dry-run names these (`stage_terms` in its JSON, a line under the table).
 
 from __future__ import annotations
 
-from finetune.config import Recipe, Stage
+from finetune.config import Recipe
+from finetune.schema import Stage
 from finetune.estimate.params import ModelFacts
 
 SEQUENCES: dict[Stage, int] = {"sft": 1, "dpo": 2, "kto": 2, "orpo": 2, "simpo": 2, "rm": 2, "grpo": 1}

@@ -8,7 +8,8 @@ from __future__ import annotations
 
 import importlib
 
-from finetune.config import Recipe, Stage
+from finetune.config import Recipe
+from finetune.schema import Stage
 from finetune.rundir import RunDir
 
 STAGES: dict[Stage, str] = {"sft": "sft", "dpo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo",

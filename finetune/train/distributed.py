@@ -20,7 +20,8 @@ from accelerate import PartialState
 from accelerate.utils import broadcast_object_list, gather_object
 
 from finetune import shipped
-from finetune.config import Distributed, Recipe
+from finetune.config import Recipe
+from finetune.schema import Distributed
 from finetune.engines import ENGINES
 from finetune.errors import UserError
 

@@ -15,7 +15,8 @@ from peft import LoraConfig, prepare_model_for_kbit_training
 from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, BitsAndBytesConfig
 
 import finetune.models.native  # noqa: F401  (registers our native classes, e.g. Baichuan2-13B's ALiBi model)
-from finetune.config import LoraInit, Precision, Recipe
+from finetune.config import Recipe
+from finetune.schema import LoraInit, Precision
 from finetune.engines import ENGINES
 from finetune.errors import UserError
 from finetune.models.registry import ModelSpec

@@ -29,7 +29,8 @@ from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
 from finetune import atomic, config, rundir
-from finetune.config import Optimizer, Recipe, to_yaml
+from finetune.config import Recipe, to_yaml
+from finetune.schema import Optimizer
 from finetune.engines import ENGINES
 from finetune.errors import UserError, WontFitError
 from finetune.estimate import gpu

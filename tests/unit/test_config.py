@@ -4,7 +4,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune import config
+from finetune import config, schema
 from finetune.errors import UserError
 
 
@@ -20,7 +20,7 @@ def test_recipe_extends_base_and_overrides_win(tmp_path):
     assert recipe.train.lr == 3.0e-4  # child over base
     assert recipe.train.max_length == 1024  # inherited from base
     assert recipe.lora.r == 32  # override over everything
-    assert recipe.train.micro_batch == config.TrainConfig().micro_batch  # schema default underneath
+    assert recipe.train.micro_batch == schema.TrainConfig().micro_batch  # schema default underneath
     assert recipe.name == "child"
 
 
