@@ -11,9 +11,11 @@ if ! { command -v go && command -v chromedriver; } >/dev/null 2>&1 && command -v
     fonts-noto-cjk >/dev/null) \
     || echo "warning: golang-go / chromium could not be installed; Go template and browser tests will be skipped"
 fi
-# Two workers (at most four on bigger machines), a test file per worker at a time: most end-to-end tests wait on
-# subprocesses (imports, a server, a browser), so two of them share two cores well — 23.5 → 13.6 min here.
-.venv/bin/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses=4 --dist loadfile --durations=15 "$@"
+# Two workers (at most four on bigger machines), a test file per worker at a time, the longest files first
+# (tests/conftest.py LONGEST_FIRST; xdist would otherwise order files by their number of tests), one thread per
+# process (tests/conftest.py): 23.5 min serial → about 13 min here.
+.venv/bin/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder \
+  --durations=15 "$@"
 rc=$?
 if [ "$rc" = 5 ]; then echo "error: pytest collected no tests — the suite is broken, not green"; exit 1; fi
 exit "$rc"

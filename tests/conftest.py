@@ -19,6 +19,17 @@ def pytest_configure(config: pytest.Config) -> None:
     # the tests never reach a model hub: tiny models are built locally.
     os.environ.setdefault("WANDB_MODE", "offline")
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        # pytest-xdist workers share the cores: one thread per process (and the CLIs it starts) instead of
+        # OpenMP pools that spin against each other. Tiny models gain nothing from intra-op threads.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
+        os.environ.setdefault("MKL_NUM_THREADS", "1")
+
+
+LONGEST_FIRST = ("test_stages.py", "test_web.py", "test_export.py", "test_train.py", "test_resume.py",
+                 "test_chat.py", "test_demo.py")
+"""The test files that take longest (minutes each), started first so that pytest-xdist's workers finish together
+instead of one running the browser test alone at the end (scripts/test.sh keeps this order: --no-loadscope-reorder)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -27,6 +38,8 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if e2e in Path(item.path).parents:
             item.add_marker(pytest.mark.e2e)
+    rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
+    items.sort(key=lambda item: rank.get(Path(item.path).name, len(rank)))  # stable: the rest keep their order
 
 
 def run_cli(*args: str, cwd: Path | None = None, env: dict | None = None, timeout: float = 600
