@@ -53,6 +53,11 @@ QWEN2_5_TOOLS = (
 """The text Qwen2.5's chat_template puts around the tool schemas in the system turn (before, after)."""
 
 
+def uses_tools(turns: Turns, tools: Tools) -> bool:
+    """Whether a validated conversation offers tools, makes a call or carries a result."""
+    return bool(tools) or any(m["role"] == "tool" or m.get("calls") for m in turns)
+
+
 def function_schema(tool: dict) -> dict:
     """A tool schema without OpenAI's {"type": "function", "function": ...} wrapper."""
     inner = tool.get("function")

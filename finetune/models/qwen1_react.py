@@ -115,6 +115,6 @@ def messages(system: Optional[str], turns: Turns, tools: Tools) -> tuple[Optiona
 
 def render(system: Optional[str], turns: Turns, tools: Tools) -> list[Part]:
     """Qwen-1's parts: make_context's layout, over the ReAct messages when the conversation has tools or calls."""
-    if tools or any(m["role"] == "tool" or m.get("calls") for m in turns):
+    if chat_parts.uses_tools(turns, tools):
         system, turns = messages(system, turns, tools)
     return chat_parts.qwen1(system, turns)

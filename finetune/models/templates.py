@@ -121,7 +121,7 @@ def _turn(fmt: ChatFormat, n: int, m: Message) -> Message:
 def _check_tools(fmt: ChatFormat, turns: Turns, tools: Tools) -> None:
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise ValueError("tools must be a list of function schemas (JSON objects)")
-    if fmt.no_tools and (tools or any(m["role"] == "tool" or m.get("calls") for m in turns)):
+    if fmt.no_tools and chat_parts.uses_tools(turns, tools):
         raise ValueError(fmt.no_tools)
     for i, tool in enumerate(tools or ()):
         if not isinstance(chat_parts.function_schema(tool).get("name"), str):
