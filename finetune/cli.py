@@ -81,11 +81,6 @@ def _load(pairs: list[str]) -> config.Recipe:
     return config.load(name, overrides)
 
 
-def _options(kind: type, pairs: list[str], command: str):
-    """Parse a command's own key=value options (not recipe keys) against a small schema, with did-you-mean."""
-    return config.parse_options(kind, pairs, command)
-
-
 # ---------------------------------------------------------------------------------------------------- commands
 
 def cmd_train(args: list[str]) -> int:
@@ -186,7 +181,7 @@ def cmd_export(args: list[str]) -> int:
     pairs, rest = _split(args)
     flags = _flags("export", rest, lambda p: p.add_argument(
         "--force", action="store_true", help="redo steps whose outputs already exist (replaced atomically)"))
-    options: ExportOptions = _options(ExportOptions, pairs, "export")
+    options: ExportOptions = config.parse_options(ExportOptions, pairs, "export")
     if options.run is None:
         raise UserError("`finetune export` needs run=DIR (the directory a training run printed at its end)")
     from finetune.export import pipeline
@@ -235,7 +230,7 @@ class RecommendOptions:
 def cmd_recommend(args: list[str]) -> int:
     pairs, rest = _split(args)
     flags = _flags("recommend", rest, _json_flag)
-    options: RecommendOptions = _options(RecommendOptions, pairs, "recommend")
+    options: RecommendOptions = config.parse_options(RecommendOptions, pairs, "recommend")
     from finetune.estimate import gpu, recommend
 
     gpu_mem = options.gpu_mem
@@ -272,7 +267,7 @@ def _infer_options(kind: type, pairs: list[str], command: str):
     from finetune.infer.options import TEXT_KEYS
 
     text = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in pairs if p.split("=", 1)[0] in TEXT_KEYS}
-    options = _options(kind, [p for p in pairs if p.split("=", 1)[0] not in TEXT_KEYS], command)
+    options = config.parse_options(kind, [p for p in pairs if p.split("=", 1)[0] not in TEXT_KEYS], command)
     for key, value in text.items():
         if key not in kind.__dataclass_fields__:
             raise UserError(f"`finetune {command}`: unknown key '{key}'")
@@ -313,7 +308,7 @@ def cmd_web(args: list[str]) -> int:
     _flags("web", rest)
     from finetune import web
 
-    return web.serve(_options(web.WebOptions, pairs, "web"))
+    return web.serve(config.parse_options(web.WebOptions, pairs, "web"))
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {
