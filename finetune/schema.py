@@ -186,3 +186,9 @@ def choices(key: str) -> tuple[Any, ...]:
         if get_origin(node) is Union:  # Optional[X]
             node = next(arg for arg in get_args(node) if arg is not type(None))
     return get_args(node) if get_origin(node) is Literal else ()
+
+
+def trains_weights(method: Method) -> bool:
+    """full and freeze train the model's own weights (all, or the last layers); lora and qlora train adapters on a
+    frozen base. What is saved, loaded, estimated and exported follows from this one split."""
+    return method in ("full", "freeze")

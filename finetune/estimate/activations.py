@@ -18,6 +18,7 @@ from finetune.engines import zero3
 from finetune.estimate import stages
 from finetune.estimate.params import Linear, ModelFacts, facts
 from finetune.models.registry import ModelSpec
+from finetune.schema import trains_weights
 
 LOSS_TILE = (4096, 32768)  # TRL's chunked loss: tokens x vocabulary columns per projection tile (allocated whole)
 FLASH_MAX_HEAD_DIM = 256  # above it SDPA falls back to kernels without native GQA
@@ -42,7 +43,7 @@ def dtype_bytes(recipe: Recipe) -> Bytes:
     """The recipe's precision and method as bytes per element (see finetune.estimate.memory's docstring)."""
     if recipe.train.precision == "fp32":
         return Bytes(4, 4, 4, 4)
-    if recipe.method in ("full", "freeze"):  # freeze: full weights, some of them trained
+    if trains_weights(recipe.method):  # freeze: full weights, some of them trained
         weight = 4 if recipe.train.precision == "fp16" else 2  # GradScaler cannot unscale fp16 gradients
         return Bytes(weight, weight, weight, 2)
     if recipe.method == "qlora":  # TRL casts the adapters to bf16 on a quantized base
@@ -72,7 +73,7 @@ def _mlp_dtype(recipe: Recipe, b: Bytes) -> int:
 def _layer(f: ModelFacts, recipe: Recipe, b: Bytes, seq: int, padded: bool) -> _Layer:
     """Bytes autograd saves per token in one decoder layer (the eager s² term is per token too: x seq)."""
     a, h, i = b.act, f.hidden, f.intermediate
-    full = _weights_train(recipe)
+    full = trains_weights(recipe.method)  # linears save their inputs for the weight gradients, norms a copy
     eager = recipe.train.attn_implementation == "eager"
     kv = f.heads if eager or padded or f.attention_mask_per_head or f.head_dim > FLASH_MAX_HEAD_DIM else f.kv_heads
     mlp = _mlp_dtype(recipe, b)
@@ -140,7 +141,7 @@ def _layer_moments(f: ModelFacts, recipe: Recipe, b: Bytes, layer: _Layer, seq: 
       attention      the attention half's saved tensors with the kernel's gradients: SDPA's q/k/v gradients and
                      FlashAttention's fp32 dq accumulator, or eager's softmax backward in fp32 (three [heads, s, s])"""
     a, s, h = b.act, b.stream, f.hidden
-    mlp, down, full = _mlp_dtype(recipe, b), _down(f), _weights_train(recipe)
+    mlp, down, full = _mlp_dtype(recipe, b), _down(f), trains_weights(recipe.method)
     i, dropout = down.in_features, recipe.lora.dropout > 0
     shared = full or (down.lora and b.trainable == mlp and not dropout)  # down_proj's input is itself saved
     own_copy = 0 if shared or not down.lora else a * i  # else its adapter saves a 16-bit copy
@@ -168,12 +169,6 @@ def _layer_moments(f: ModelFacts, recipe: Recipe, b: Bytes, layer: _Layer, seq: 
     return max(backward, key=lambda m: m[0] * tokens + m[1]), forward
 
 
-def _weights_train(recipe: Recipe) -> bool:
-    """The trained tensors are the weights themselves (full, and freeze's last layers): linears save their inputs
-    for the weight gradients, norms a copy for theirs."""
-    return recipe.method in ("full", "freeze")
-
-
 def _layers_saving(f: ModelFacts, recipe: Recipe) -> int:
     """Decoder layers whose tensors autograd saves: all of them, but only the trained ones under freeze — the
     frozen layers before them compute from inputs that need no gradient, so autograd records nothing there.
@@ -191,7 +186,7 @@ def activation_moments(f: ModelFacts, recipe: Recipe, b: Bytes, seqs: int) -> tu
     padded = (recipe.train.micro_batch > 1 and not recipe.data.packing
               and recipe.train.attn_implementation != "flash_attention_2")
     layer = _layer(f, recipe, b, seq, padded)
-    full, ckpt = _weights_train(recipe), recipe.train.gradient_checkpointing
+    full, ckpt = trains_weights(recipe.method), recipe.train.gradient_checkpointing
     layers = _layers_saving(f, recipe)
     if ckpt:  # each layer's input, frozen ones too (with an fp32 stream, also what the recomputed layer's first
         #       norm saves)

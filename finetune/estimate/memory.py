@@ -50,6 +50,7 @@ from finetune.estimate.activations import (
 )
 from finetune.estimate.params import ModelFacts, facts
 from finetune.models.registry import ModelSpec
+from finetune.schema import trains_weights
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS handles (torch 2.x, lazy module loading)
@@ -164,7 +165,7 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
     magnitude_bytes = 4 if recipe.method == "qlora" else b.trainable  # TRL leaves DoRA magnitudes in fp32
     states, step = _optimizer_bytes(f, b, recipe.train.optimizer, magnitude_bytes)
     adapters = f.params_adapter * b.trainable + f.params_magnitude * magnitude_bytes
-    full = recipe.method in ("full", "freeze")  # the trainables are (some of) the weights themselves
+    full = trains_weights(recipe.method)  # the trainables are (some of) the weights themselves
     parts = {
         "weights": _weight_bytes(f, recipe, b),
         "trainable_weights": 0 if full else adapters,  # full: the weights are the trainables

@@ -17,8 +17,8 @@ The dry-run names these (`stage_terms` in its JSON, a line under the table).
 from __future__ import annotations
 
 from finetune.config import Recipe
-from finetune.schema import Stage
 from finetune.estimate.params import ModelFacts
+from finetune.schema import Stage, trains_weights
 
 SEQUENCES: dict[Stage, int] = {"sft": 1, "dpo": 2, "kto": 2, "orpo": 2, "simpo": 2, "rm": 2, "grpo": 1}
 """Sequences through the model per example of a micro-batch."""
@@ -37,7 +37,7 @@ def tokens(recipe: Recipe) -> int:
 def reference_copy(recipe: Recipe) -> bool:
     """Whether TRL keeps a second, frozen copy of the weights as the reference policy."""
     wants = recipe.stage in ("dpo", "kto") or (recipe.stage == "grpo" and recipe.grpo.beta > 0)
-    return wants and recipe.method in ("full", "freeze")
+    return wants and trains_weights(recipe.method)
 
 
 def generation_bytes(recipe: Recipe, f: ModelFacts, weight_bytes: int) -> int:

@@ -9,8 +9,8 @@ from __future__ import annotations
 import importlib
 
 from finetune.config import Recipe
-from finetune.schema import Stage
 from finetune.rundir import RunDir
+from finetune.schema import Stage
 
 STAGES: dict[Stage, str] = {"sft": "sft", "dpo": "dpo", "kto": "kto", "orpo": "orpo", "simpo": "simpo",
                             "rm": "rm", "grpo": "grpo"}

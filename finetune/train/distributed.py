@@ -21,9 +21,9 @@ from accelerate.utils import broadcast_object_list, gather_object
 
 from finetune import shipped
 from finetune.config import Recipe
-from finetune.schema import Distributed
 from finetune.engines import ENGINES
 from finetune.errors import UserError
+from finetune.schema import Distributed
 
 FSDP_CONFIG = {
     "version": 2,

@@ -20,6 +20,7 @@ from finetune import data, rundir
 from finetune.config import Recipe
 from finetune.errors import UserError
 from finetune.rundir import RunDir
+from finetune.schema import trains_weights
 from finetune.train import session as lifecycle
 from finetune.train.model import load_model, lora_config
 from finetune.train.session import Session
@@ -58,7 +59,7 @@ def starting_point(session: Session, sft_run: Optional[RunDir]) -> tuple[torch.n
     recipe = session.recipe
     if sft_run is None:
         return load_model(session), lora_config(recipe, session.spec)
-    if recipe.method in ("full", "freeze"):
+    if trains_weights(recipe.method):
         if not sft_run.has_full_model:
             raise UserError(f"dpo.sft_run={sft_run.path} has no full model ({sft_run.model_dir}); method="
                             f"{recipe.method} continues a method=full/freeze SFT run — use method=lora/qlora to "

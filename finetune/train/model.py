@@ -16,10 +16,10 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import finetune.models.native  # noqa: F401  (registers our native classes, e.g. Baichuan2-13B's ALiBi model)
 from finetune.config import Recipe
-from finetune.schema import LoraInit, Precision
 from finetune.engines import ENGINES
 from finetune.errors import UserError
 from finetune.models.registry import ModelSpec
+from finetune.schema import LoraInit, Precision, trains_weights
 
 if TYPE_CHECKING:
     from finetune.train.session import Session
@@ -52,7 +52,7 @@ def load_model(session: Session, path: Optional[Path] = None) -> torch.nn.Module
         kwargs.update(dtype=compute, device_map=None if sharded else {"": where.device})
     else:
         # fp16 mixed precision needs fp32 master weights (its gradient scaler refuses fp16 ones)
-        kwargs["dtype"] = torch.float32 if recipe.train.precision == "fp16" and recipe.method in ("full", "freeze") \
+        kwargs["dtype"] = torch.float32 if recipe.train.precision == "fp16" and trains_weights(recipe.method) \
             else DTYPES[recipe.train.precision]
     auto = AutoModelForSequenceClassification if recipe.stage == "rm" else AutoModelForCausalLM
     model = auto.from_pretrained(path or session.model.path, **kwargs)
@@ -111,7 +111,7 @@ changes in memory); session.save_weights converts the adapter back so that it ap
 def lora_config(recipe: Recipe, spec: Optional[ModelSpec]) -> Optional[LoraConfig]:
     """The adapter TRL attaches (None for full and freeze fine-tuning); empty targets mean the family's defaults.
     A reward model's adapter is a SEQ_CLS one: PEFT then trains and saves the new value head (`score`) in full."""
-    if recipe.method in ("full", "freeze"):
+    if trains_weights(recipe.method):
         return None
     targets = list(recipe.lora.targets) or (list(spec.family.lora_targets) if spec else "all-linear")
     return LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
@@ -125,7 +125,7 @@ LORA_INIT = "lora-init"
 
 
 def converts_init(recipe: Recipe) -> bool:
-    return recipe.method in ("lora", "qlora") and recipe.lora.init in ("pissa", "olora")
+    return not trains_weights(recipe.method) and recipe.lora.init in ("pissa", "olora")
 
 
 def lora_plus(session: Session, trainer: Any) -> None:
@@ -134,7 +134,7 @@ def lora_plus(session: Session, trainer: Any) -> None:
     ratio = session.recipe.lora.plus_ratio
     if ratio is None:
         return
-    if session.recipe.method in ("full", "freeze"):
+    if trains_weights(session.recipe.method):
         raise UserError(f"lora.plus_ratio is for method=lora/qlora (it scales the adapters' B matrices), "
                         f"not method={session.recipe.method}")
     from peft.optimizers import create_loraplus_optimizer

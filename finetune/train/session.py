@@ -30,7 +30,6 @@ from transformers.trainer_callback import ProgressCallback
 
 from finetune import atomic, config, rundir
 from finetune.config import Recipe, to_yaml
-from finetune.schema import Optimizer
 from finetune.engines import ENGINES
 from finetune.errors import UserError, WontFitError
 from finetune.estimate import gpu
@@ -39,6 +38,7 @@ from finetune.models import hub, registry, templates
 from finetune.models.hub import ResolvedModel
 from finetune.models.registry import ModelSpec
 from finetune.rundir import RunDir
+from finetune.schema import Optimizer, trains_weights
 from finetune.train import callbacks, distributed, report
 from finetune.train.distributed import Launch
 from finetune.train.model import LORA_INIT, converts_init, lora_plus
@@ -256,7 +256,7 @@ def save_weights(session: Session, trainer: Any) -> Path:
 
     Every rank calls save_model (ZeRO-3 and FSDP gather the shards for it); only rank 0 writes."""
     run, where = session.run, session.launch
-    final = run.model_dir if session.recipe.method in ("full", "freeze") else run.adapter_dir
+    final = run.model_dir if trains_weights(session.recipe.method) else run.adapter_dir
     tmp = run.path / f".tmp-{final.name}"
     if where.is_main:
         shutil.rmtree(tmp, ignore_errors=True)
