@@ -44,5 +44,12 @@ class ServeOptions(LoadOptions):
     host: str = "127.0.0.1"  # local only; host=0.0.0.0 exposes it (set api_key= then)
     port: int = 8000
     api_key: Optional[str] = None  # required as `Authorization: Bearer KEY`; default $FINETUNE_API_KEY
-    max_tokens: int = 512  # the cap when a request gives no max_tokens
+    max_tokens: int = 512  # the default when a request gives none, and the most one may ask for
     name: Optional[str] = None  # the model id to serve the run or model= under (default: the run's directory name)
+    # bounds on one request (one worker serves everyone): OpenAI's API takes at most 4 stop sequences
+    max_body_bytes: int = 2**20
+    max_messages: int = 256
+    max_stop: int = 4
+    max_stop_chars: int = 256
+    queue: int = 64  # requests running or waiting; more get 429 with Retry-After
+    request_timeout_s: float = 300.0

@@ -5,10 +5,18 @@ extra: a field of the wrong type or out of range is a 422 naming it; fields Open
 (as OpenAI ignores unknown ones); `developer` is OpenAI's newer name for `system`; content parts must be text;
 `max_completion_tokens` is the newer name for `max_tokens`; an answer cut short because its client left is reported
 as `stop` (no client is there to read it).
+
+Every request is bounded (`Limits`), because one worker serves everyone: the body, the number of messages, the stop
+strings (OpenAI's API takes at most 4; each is matched against the answer at every token, so their length is
+bounded too), max_tokens (a hard cap, not only a default), the time a request may take and the queue. Numbers must
+be finite: JSON's NaN and Infinity (which Python's json module accepts) are refused, since `temperature: NaN` would
+turn sampling into always picking the last vocabulary id.
 """
 
 from __future__ import annotations
 
+import json
+import math
 from dataclasses import dataclass
 from typing import Any, Optional
 
@@ -17,13 +25,28 @@ from finetune.infer.generate import Completion, Sampling
 ROLES = ("system", "developer", "user", "assistant", "tool")
 
 
+@dataclass(frozen=True)
+class Limits:
+    """What one request may ask of the server (each a `finetune serve` option of the same name)."""
+
+    max_body_bytes: int = 2**20
+    max_messages: int = 256
+    max_stop: int = 4  # OpenAI's API: "Up to 4 sequences where the API will stop generating further tokens"
+    max_stop_chars: int = 256
+    max_tokens: int = 512  # the default when a request names none, and the most a request may have
+    queue: int = 64  # requests admitted (running or waiting); one more is a 429
+    request_timeout_s: float = 300.0  # from arrival to the last token; the answer then ends as "length"
+
+
 class APIError(Exception):
-    """An error for the client: its HTTP status and OpenAI's error fields."""
+    """An error for the client: its HTTP status and OpenAI's error fields (and headers such as Retry-After)."""
 
     def __init__(self, status: int, message: str, *, kind: str = "invalid_request_error",
-                 param: Optional[str] = None, code: Optional[str] = None):
+                 param: Optional[str] = None, code: Optional[str] = None,
+                 headers: Optional[dict[str, str]] = None):
         super().__init__(message)
         self.status, self.message, self.kind, self.param, self.code = status, message, kind, param, code
+        self.headers = headers or {}
 
     def body(self) -> dict[str, Any]:
         return {"error": {"message": self.message, "type": self.kind, "param": self.param, "code": self.code}}
@@ -54,8 +77,9 @@ def _number(body: dict[str, Any], key: str, low: float, high: float, *, integer:
     if value is None:
         return None
     kinds = int if integer else (int, float)
-    if isinstance(value, bool) or not isinstance(value, kinds) or value < low or value > high \
-            or (open_low and value == low):
+    if isinstance(value, bool) or not isinstance(value, kinds) \
+            or (isinstance(value, float) and not math.isfinite(value)) or value < low \
+            or value > high or (open_low and value == low):
         what = "an integer" if integer else "a number"
         raise _invalid(key, f"must be {what} in {'(' if open_low else '['}{low:g}, {high:g}]")
     return value
@@ -79,8 +103,40 @@ def _message(n: int, m: Any) -> dict[str, Any]:
     return {**message, "tool_calls": m["tool_calls"]} if m.get("tool_calls") else message
 
 
-def parse(body: Any) -> ChatRequest:
-    """A checked request; APIError 422 naming the first field that is wrong."""
+def _no_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not a JSON number")
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):  # 1e400 overflows to inf
+        raise ValueError(f"{text[:20]} is not a finite JSON number")
+    return value
+
+
+def read_json(raw: bytes) -> Any:
+    """The body as JSON; NaN, Infinity and numbers that overflow to infinity refused (APIError 400)."""
+    try:
+        return json.loads(raw, parse_constant=_no_constant, parse_float=_finite)
+    except (ValueError, RecursionError) as exc:  # RecursionError: nesting deeper than the parser's stack
+        reason = str(exc) if "JSON number" in str(exc) else "not valid JSON"
+        raise APIError(400, f"the request body is not valid JSON: {reason}"[:200], code="invalid_json") from None
+
+
+def _stops(body: dict[str, Any], limits: Limits) -> tuple[str, ...]:
+    stop = body.get("stop")
+    stop = [stop] if isinstance(stop, str) else stop
+    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
+        raise _invalid("stop", "must be a string or a list of strings")
+    if stop and len(stop) > limits.max_stop:
+        raise _invalid("stop", f"at most {limits.max_stop} stop sequences, got {len(stop)}")
+    if stop and max(map(len, stop)) > limits.max_stop_chars:
+        raise _invalid("stop", f"a stop sequence may have at most {limits.max_stop_chars} characters")
+    return tuple(stop or ())
+
+
+def parse(body: Any, limits: Limits = Limits()) -> ChatRequest:
+    """A checked request; APIError 422 naming the first field that is wrong or beyond `limits`."""
     if not isinstance(body, dict):
         raise _invalid("body", "must be a JSON object")
     if not isinstance(body.get("model"), str):
@@ -88,10 +144,9 @@ def parse(body: Any) -> ChatRequest:
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise _invalid("messages", "must be a non-empty list of messages")
-    stop = body.get("stop")
-    stop = [stop] if isinstance(stop, str) else stop
-    if stop is not None and not (isinstance(stop, list) and all(isinstance(s, str) for s in stop)):
-        raise _invalid("stop", "must be a string or a list of strings")
+    if len(messages) > limits.max_messages:
+        raise _invalid("messages", f"at most {limits.max_messages} messages per request, got {len(messages)}")
+    stop = _stops(body, limits)
     tools, options = body.get("tools"), body.get("stream_options") or {}
     if tools is not None and not (isinstance(tools, list) and all(isinstance(t, dict) for t in tools)):
         raise _invalid("tools", "must be a list of tool objects")
@@ -104,14 +159,16 @@ def parse(body: Any) -> ChatRequest:
         top_p=1.0 if top_p is None else top_p,
         max_tokens=_number(body, "max_completion_tokens", 1, 2**31, integer=True)
         or _number(body, "max_tokens", 1, 2**31, integer=True),
-        stop=tuple(stop or ()), n=_number(body, "n", 1, 2**31, integer=True) or 1,
+        stop=stop, n=_number(body, "n", 1, 2**31, integer=True) or 1,
         seed=_number(body, "seed", -2**63, 2**63, integer=True),
         tools=None if body.get("tool_choice") == "none" else tools or None,
         include_usage=bool(options.get("include_usage")))
 
 
-def sampling(req: ChatRequest, default_max: int) -> Sampling:
-    return Sampling(temperature=req.temperature, top_p=req.top_p, max_tokens=req.max_tokens or default_max,
+def sampling(req: ChatRequest, cap: int) -> Sampling:
+    """The request's sampling; max_tokens is `cap` when not given and never more (a longer answer ends as
+    "length", as one reaching the model's context does)."""
+    return Sampling(temperature=req.temperature, top_p=req.top_p, max_tokens=min(req.max_tokens or cap, cap),
                     stop=req.stop, seed=req.seed)
 
 

@@ -6,7 +6,9 @@ official finetune demo's format); Qwen-1 writes ReAct text — "Thought: ...\\nA
 read as Qwen's openai_api.py parse_response does, its "Observation:" being a stop string (STOPS) — and answers
 after "Final Answer: ". Families without a tool format never get here (the prompt refuses tools).
 Text that does not parse as a call stays the answer's content: a model that half-learned the format answers in
-words rather than failing the request.
+words rather than failing the request. That includes every way the parsers can refuse generated text: a Python
+literal `ast.literal_eval` rejects (ValueError), a dict literal with an unhashable key such as `{[1]: 2}` (TypeError)
+and nesting deeper than the parser's stack (RecursionError).
 """
 
 from __future__ import annotations
@@ -34,7 +36,7 @@ def _qwen2_5(text: str) -> tuple[Optional[str], list[dict[str, Any]]]:
     for block in _QWEN_CALL.findall(text):
         try:
             call = json.loads(block)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return text, []
         if not (isinstance(call, dict) and isinstance(call.get("name"), str)
                 and isinstance(call.get("arguments", {}), dict)):
@@ -54,7 +56,7 @@ def _chatglm3(text: str) -> tuple[Optional[str], list[dict[str, Any]]]:
                 and not call.args and all(k.arg for k in call.keywords)):
             return text, []
         arguments = {k.arg: ast.literal_eval(k.value) for k in call.keywords}
-    except (SyntaxError, ValueError):
+    except (SyntaxError, ValueError, TypeError, RecursionError, MemoryError):
         return text, []
     return None, [openai_call(match["name"], arguments)]
 
@@ -66,7 +68,7 @@ def _qwen1(text: str) -> tuple[Optional[str], list[dict[str, Any]]]:
         arguments = text[action_input + len("\nAction Input:"): None if end < 0 else end].strip()
         try:
             parsed = json.loads(arguments)
-        except json.JSONDecodeError:
+        except (ValueError, RecursionError):
             return text, []
         if not isinstance(parsed, dict):
             return text, []
