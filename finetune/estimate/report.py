@@ -19,6 +19,7 @@ from finetune.config import Recipe
 from finetune.estimate import gpu as gpus_mod
 from finetune.estimate.gpu import GPU, GiB
 from finetune.estimate.memory import TERMS, MemoryPlan, plan, term_basis
+from finetune.models import gguf_base
 from finetune.models.registry import ModelSpec
 
 
@@ -130,6 +131,7 @@ def estimate_report(recipe: Recipe, spec: ModelSpec, gpus: list[GPU], *,
         "suggestions": [] if fits else suggestions(recipe, spec, memory, capacity),
         "logits": recipe.train.logits, "upcast": recipe.method == "qlora" and recipe.quant.upcast,
         "basis": term_basis(recipe), "stage_terms": memory.stage_terms,
+        "base_note": gguf_base.note_for(recipe.model),
     }
     if compare:
         report["compare"] = compare_report(recipe, spec, n)
@@ -146,6 +148,7 @@ def render_estimate(report: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [
         Text.from_markup(title),
         Text(f"parameters {report['params_total']:,} · trainable {report['params_trainable']:,}"),
+        *([Text(report["base_note"], style="yellow")] if report.get("base_note") else []),
         _breakdown_table(report),
         Text(f"moments of a step (GiB): {phases} — the peak is {report['peak_phase']}", style="dim"),
         _stage_line(report),

@@ -22,7 +22,7 @@ from typing import Optional
 
 from finetune.config import Recipe
 from finetune.errors import UserError, did_you_mean
-from finetune.models import registry
+from finetune.models import gguf_base, registry
 from finetune.models.convert import convert_checkpoint
 from finetune.models.native import detect_original_family
 from finetune.models.registry import ModelSpec
@@ -66,6 +66,8 @@ def resolve(recipe: Recipe, *, progress: bool = True) -> ResolvedModel:
             return ResolvedModel(cached_tiny(name, layout="native"), spec, "tiny model built locally")
         return _from_hub(hub_id(spec, recipe.hub), recipe, spec, progress)
     path = Path(name).expanduser()
+    if gguf_base.is_gguf(name):
+        return _from_gguf(path, recipe.variant)
     if path.exists():
         return _prepare(path, f"local dir {path}", None, recipe.variant, progress)
     if "/" not in name:
@@ -79,6 +81,15 @@ def resolve(recipe: Recipe, *, progress: bool = True) -> ResolvedModel:
     if repo != name:
         log.info("%s is published as %s on hub=%s", name, repo, recipe.hub)
     return _from_hub(repo, recipe, spec, progress)
+
+
+def _from_gguf(path: Path, variant: Optional[str]) -> ResolvedModel:
+    """A GGUF file, dequantized once into the converted cache; its metadata names its variant, not the recipe."""
+    base = gguf_base.read(path.resolve())
+    if variant and variant != base.spec.variant.name:
+        log.info("variant=%s ignored: %s is %s %s", variant, path.name, base.spec.name, base.spec.variant.name)
+    native = gguf_base.native_dir(base)
+    return ResolvedModel(native, base.spec, f"GGUF {path} ({base.name}), {base.note}")
 
 
 def identify(config: dict) -> Optional[ModelSpec]:
