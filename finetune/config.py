@@ -88,7 +88,7 @@ def _compose(path: Path, seen: tuple[Path, ...] = ()) -> tuple[DictConfig, list[
     return OmegaConf.merge(merged, node), [*files, path]
 
 
-def _schema_keys(node: Any = Recipe, prefix: str = "") -> list[str]:
+def schema_keys(node: Any = Recipe, prefix: str = "") -> list[str]:
     """Every dotted key the schema accepts, for did-you-mean suggestions."""
     keys: list[str] = []
     for f in dataclasses.fields(node):
@@ -96,14 +96,14 @@ def _schema_keys(node: Any = Recipe, prefix: str = "") -> list[str]:
         keys.append(name)
         default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
         if dataclasses.is_dataclass(default):
-            keys += _schema_keys(type(default), f"{name}.")
+            keys += schema_keys(type(default), f"{name}.")
     return keys
 
 
 def parse_options(kind: type, pairs: list[str], command: str, exclude: tuple[str, ...] = ()) -> Any:
     """A command's own key=value options (not recipe keys) against a small dataclass schema — nested sections as
     dotted keys (`eval.task=mmlu`) — with did-you-mean. `exclude`: inherited fields this command does not take."""
-    every = [key for key in _schema_keys(kind) if key not in exclude]
+    every = [key for key in schema_keys(kind) if key not in exclude]
     keys = [key for key in every if not any(other.startswith(f"{key}.") for other in every)]  # leaves only
     for pair in pairs:
         key = pair.split("=", 1)[0]
@@ -117,6 +117,17 @@ def parse_options(kind: type, pairs: list[str], command: str, exclude: tuple[str
         raise UserError(f"`finetune {command}`: {str(exc).splitlines()[0]}") from None
 
 
+REMOVED = {"trust_remote_code": "it is not a recipe key: a recipe (or a page) must not be able to run a model "
+                                "repository's code; pass --trust-remote-code on the training command line yourself"}
+"""Keys a recipe used to take, and why they are gone. A run saved with one (as false) still loads."""
+
+
+def _refuse_removed(node: DictConfig, where: str) -> None:
+    for key, why in REMOVED.items():
+        if key in node:
+            raise UserError(f"{where}: {key}: {why}")
+
+
 def _explain(exc: OmegaConfBaseException, where: str) -> UserError:
     key = getattr(exc, "full_key", None) or ""
     inner: Optional[BaseException] = exc
@@ -126,9 +137,9 @@ def _explain(exc: OmegaConfBaseException, where: str) -> UserError:
         return UserError(f"{where}: key '{key}': {inner}")
     if isinstance(exc, ConfigKeyError) or "not in struct" in str(exc) or "Key '" in str(exc):
         bad = key or re.search(r"Key '([^']+)'", str(exc)).group(1)  # type: ignore[union-attr]
-        hint = did_you_mean(bad, _schema_keys()) or did_you_mean(bad.split(".")[-1], _schema_keys())
+        hint = did_you_mean(bad, schema_keys()) or did_you_mean(bad.split(".")[-1], schema_keys())
         return UserError(f"{where}: unknown key '{bad}'{hint}; `--print-config` lists every key")
-    allowed = choices(key) if key and key in _schema_keys() else ()
+    allowed = choices(key) if key and key in schema_keys() else ()
     value = re.match(r"Invalid value '(.*)', expected one of", str(exc))
     if isinstance(exc, ValidationError) and allowed and value:
         return UserError(f"{where}: {key}={value.group(1)} is not one of {', '.join(map(str, allowed))}"
@@ -186,12 +197,15 @@ def load(recipe: Optional[str], overrides: list[str] = ()) -> Recipe:
         composed, files = _compose(find_recipe(recipe))
         composed.setdefault("name", Path(recipe).stem)
     where = str(files[-1]) if files else "overrides"
+    _refuse_removed(composed, where)
     try:
         merged = OmegaConf.merge(schema, composed)
     except OmegaConfBaseException as exc:
         raise _explain(exc, where) from None
+    given = _parse_overrides(list(overrides))
+    _refuse_removed(given, "overrides")
     try:
-        merged = OmegaConf.merge(merged, _parse_overrides(list(overrides)))
+        merged = OmegaConf.merge(merged, given)
     except OmegaConfBaseException as exc:
         raise _explain(exc, "overrides") from None
     try:
@@ -218,9 +232,14 @@ def to_yaml(recipe: Recipe) -> str:
 
 
 def from_yaml_file(path: Path) -> Recipe:
-    """A recipe saved with a run (already resolved: no `extends`)."""
+    """A recipe saved with a run (already resolved: no `extends`); a removed key it holds as false is dropped."""
+    saved = _read_yaml(path)
+    for key in REMOVED:
+        if key in saved and saved[key] is False:
+            saved.pop(key)
+    _refuse_removed(saved, str(path))
     try:
-        merged = OmegaConf.merge(OmegaConf.structured(Recipe), _read_yaml(path))
+        merged = OmegaConf.merge(OmegaConf.structured(Recipe), saved)
         return OmegaConf.to_object(merged)  # type: ignore[return-value]
     except OmegaConfBaseException as exc:
         raise _explain(exc, str(path)) from None

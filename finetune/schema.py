@@ -166,7 +166,6 @@ class Recipe:
     resume: Optional[str] = None  # run directory, or auto
     overwrite: bool = False
     seed: int = 42
-    trust_remote_code: bool = False
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     lora: LoraConfig = field(default_factory=LoraConfig)

@@ -6,6 +6,7 @@ Nothing is computed here; every button or field calls one function that a unit t
 from __future__ import annotations
 
 import tempfile
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +131,7 @@ def build(options: WebOptions):
         def refresh_runs(selected=None):
             choices = _run_choices(options.outputs)
             pick = lambda: gr.update(choices=choices, value=selected) if selected else gr.update(choices=choices)  # noqa: E731
-            return pick(), pick(), pick(), _runs_table(options.outputs), runs.report_text(selected)
+            return pick(), pick(), pick(), _runs_table(options.outputs), runs.report_text(options.outputs, selected)
 
         run_lists = [run_pick, export_run, chat_run, runs_table, report]
 
@@ -141,9 +142,9 @@ def build(options: WebOptions):
 
         start.click(do_start, [recipe, extra, output_dir, *fields], [train_status, *run_lists])
         stop.click(actions.stop_training, None, train_status)
-        resume.click(lambda run: (actions.resume_training(run)[0]), run_pick, train_status)
+        resume.click(lambda run: (actions.resume_training(options.outputs, run)[0]), run_pick, train_status)
         refresh.click(refresh_runs, run_pick, run_lists)
-        run_pick.input(runs.report_text, run_pick, report)
+        run_pick.input(partial(runs.report_text, options.outputs), run_pick, report)
 
         seen = {"state": None}
 
@@ -153,14 +154,14 @@ def build(options: WebOptions):
             state = text.split("**")[1] if text.startswith("**") else None
             changed, seen["state"] = state != seen["state"], state  # a run started or ended: list the runs again
             listing = (*[gr.update(choices=_run_choices(options.outputs))] * 3, _runs_table(options.outputs),
-                       runs.report_text(selected)) if changed else (gr.update(),) * 5
+                       runs.report_text(options.outputs, selected)) if changed else (gr.update(),) * 5
             return (text, frame, log, *actions.watch_export(), *listing)
 
         timer.tick(tick, run_pick, [train_status, loss, train_log, export_status, export_log, ollama, *run_lists])
-        export.click(actions.start_export, [export_run, target, quant], export_status)
+        export.click(partial(actions.start_export, options.outputs), [export_run, target, quant], export_status)
 
         def do_send(run, text, turns):
-            turns, error = chat.reply(run, text, turns)
+            turns, error = chat.reply(options.outputs, run, text, turns)
             return turns, turns, "" if not error else text, error
 
         send.click(do_send, [chat_run, message, history], [chatbot, history, message, chat_error])
@@ -176,7 +177,8 @@ def build(options: WebOptions):
     return page, workdir
 
 
-def launch(options: WebOptions) -> None:
+def launch(options: WebOptions, users: list[tuple[str, str]]) -> None:
+    """Serve the page; with `users`, Gradio asks to sign in before anything else (its own login form)."""
     page, workdir = build(options)
     page.queue().launch(server_name=options.host, server_port=options.port, allowed_paths=[str(workdir)],
-                        inbrowser=False, show_error=True)
+                        inbrowser=False, show_error=True, auth=users or None)

@@ -10,8 +10,11 @@ import threading
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.web import guard
 
-_ENGINES: dict[str, Any] = {}
+_LOADED: dict[str, Any] = {}
+"""The one model the tab holds (run path → Engine): choosing another run frees it first, so clicking through runs
+never holds more than one model in memory."""
 _LOCK = threading.Lock()
 
 
@@ -20,15 +23,17 @@ def engine(run: str) -> Any:
     from finetune.infer.options import ChatOptions
 
     with _LOCK:
-        if run not in _ENGINES:
+        if run not in _LOADED:
+            _LOADED.clear()
             options = ChatOptions(run=run)
-            _ENGINES[run] = load.load(load.resolve(options), options)
-        return _ENGINES[run]
+            _LOADED[run] = load.load(load.resolve(options), options)
+        return _LOADED[run]
 
 
-def reply(run: str, message: str, history: list[dict[str, str]], max_tokens: int = 512
+def reply(outputs: str, run: str, message: str, history: list[dict[str, str]], max_tokens: int = 512
           ) -> tuple[list[dict[str, str]], str]:
-    """(the conversation with the new turn, an error line or ""). A failed turn leaves the history as it was."""
+    """(the conversation with the new turn, an error line or ""). A failed turn leaves the history as it was.
+    Only runs inside the outputs folder are loaded."""
     from finetune.infer.generate import Sampling
 
     if not run:
@@ -36,7 +41,7 @@ def reply(run: str, message: str, history: list[dict[str, str]], max_tokens: int
     if not (message or "").strip():
         return history, ""
     try:
-        chat = engine(run)
+        chat = engine(str(guard.inside(outputs, run)))
         turn = [*history, {"role": "user", "content": message}]
         done = chat.generate(chat.prompt_ids(turn), Sampling(max_tokens=max_tokens))
     except (UserError, ValueError) as exc:

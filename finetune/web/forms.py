@@ -15,6 +15,7 @@ from typing import Any, Optional
 
 from finetune import config
 from finetune.errors import UserError
+from finetune.web import guard
 
 FIELDS: dict[str, str] = {"model": "model", "variant": "variant", "method": "method", "data": "data.path",
                           "max_length": "train.max_length", "lora_r": "lora.r", "micro_batch": "train.micro_batch",
@@ -47,7 +48,7 @@ def method_names() -> list[str]:
 
 def fields_of(recipe_name: Optional[str]) -> dict[str, Any]:
     """The fields' values for a shipped recipe (what the page shows when one is chosen)."""
-    recipe = config.load(recipe_name) if recipe_name else None
+    recipe = config.load(recipe_name) if _shipped(recipe_name) else None
     if recipe is None:
         return {name: None for name in FIELDS}
     from omegaconf import OmegaConf
@@ -94,10 +95,20 @@ def _same(value: Any, current: Any) -> bool:
     return str(value) == str(current)
 
 
+def _shipped(recipe_name: Optional[str]) -> Optional[str]:
+    """A recipe the page lists, by name: `recipe=` also takes any YAML path, which the page must not read."""
+    if recipe_name and recipe_name not in recipe_names():
+        raise UserError(f"unknown recipe '{recipe_name}'; choose one from the list")
+    return recipe_name or None
+
+
 def resolve(recipe_name: Optional[str], values: dict[str, Any], extra: Optional[str] = None
             ) -> tuple[config.Recipe, list[str]]:
-    """The recipe the CLI would build, and its overrides. Same check as the CLI: a recipe or at least a model."""
+    """The recipe the CLI would build, and its overrides. Same check as the CLI: a recipe or at least a model;
+    and what a page user may set (guard.check_settings)."""
+    recipe_name = _shipped(recipe_name)
     items = overrides(recipe_name, values, extra)
+    guard.check_settings(items, split_extra(extra)[1])
     if not recipe_name and not any(i.startswith("model=") for i in items):
         raise UserError("no recipe given: add recipe=NAME (`finetune list recipes`) or at least model=NAME")
     return config.load(recipe_name or None, items), items
@@ -134,14 +145,15 @@ def estimate(recipe_name: Optional[str], values: dict[str, Any], extra: Optional
         spec = registry.spec_for_estimate(recipe.model, recipe.variant)
         result = report.estimate_report(recipe, spec, gpu.detect(), gpu_mem=recipe.gpu_mem)
     except UserError as exc:
-        return EstimateView(error=f"error: {exc}", verdict=f"error: {exc}")
+        message = guard.redact(f"error: {exc}")
+        return EstimateView(error=message, verdict=message)
     out = Path(workdir or tempfile.mkdtemp(prefix="finetune-web-"))
     out.mkdir(parents=True, exist_ok=True)
-    stem = f"{recipe.name}-{abs(hash((recipe_name, tuple(items)))) % 10**8}"
-    chart = out / f"{stem}.png"
+    name = guard.safe_name(recipe.name)
+    chart = out / f"{name}-{abs(hash((recipe_name, tuple(items)))) % 10**8}.png"
     report.save_breakdown_png(result, chart)
-    text = config.to_yaml(recipe)
-    yaml_file = out / f"{recipe.name}.yaml"
+    text = guard.redact(config.to_yaml(recipe))
+    yaml_file = out / f"{name}.yaml"
     yaml_file.write_text(text, encoding="utf-8")
     rows = [[s["change"], f"{s['peak_bytes'] / GiB:.1f} GiB", {True: "yes", False: "no", None: "?"}[s["fits"]],
              s["why"]] for s in result["suggestions"]]
@@ -150,4 +162,5 @@ def estimate(recipe_name: Optional[str], values: dict[str, Any], extra: Optional
                f"{result['params_total']:,} parameters")
     return EstimateView(verdict=f"{result['verdict']}\n\n{summary}", fits=result["fits"], chart=str(chart),
                         suggestions=rows, yaml=text, yaml_file=str(yaml_file),
-                        command=shlex.join(["finetune", "estimate", *command(recipe_name, items)]), report=result)
+                        command=guard.redact(shlex.join(["finetune", "estimate", *command(recipe_name, items)])),
+                        report=result)

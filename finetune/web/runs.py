@@ -10,7 +10,9 @@ import json
 from pathlib import Path
 from typing import Any, Optional
 
+from finetune.errors import UserError
 from finetune.rundir import RunDir, is_run
+from finetune.web import guard
 
 GiB = 2**30
 
@@ -87,7 +89,8 @@ def status(run: RunDir) -> str:
 
 def list_runs(outputs: Path) -> list[dict[str, Any]]:
     """Every run directory directly under `outputs`, newest first: name, status, steps, last loss, path."""
-    found = [p for p in Path(outputs).iterdir() if p.is_dir() and is_run(p)] if Path(outputs).is_dir() else []
+    found = [p for p in Path(outputs).iterdir() if p.is_dir() and is_run(p) and not p.name.startswith(".")] \
+        if Path(outputs).is_dir() else []  # hidden: a run being replaced (rundir.claim)
     rows = []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         run = RunDir(path)
@@ -98,13 +101,16 @@ def list_runs(outputs: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def report_text(path: Optional[str]) -> str:
-    """report.md of a run (or a note saying why there is none yet)."""
+def report_text(outputs: str, path: Optional[str]) -> str:
+    """report.md of a run inside the outputs folder (or a note saying why there is none yet)."""
     if not path:
         return ""
-    run = RunDir(Path(path))
+    try:
+        run = RunDir(guard.inside(outputs, path))
+    except UserError as exc:
+        return f"error: {exc}"
     if run.report_file.is_file():
-        return run.report_file.read_text(encoding="utf-8")
+        return guard.redact(run.report_file.read_text(encoding="utf-8"))
     return f"*{run.path.name}: no report.md yet ({status(run)})*"
 
 

@@ -124,8 +124,8 @@ def test_runs_are_listed_with_status_and_report(tmp_path):
     assert set(listed) == {"a-run", "b-run"}
     assert listed["a-run"]["status"] == "stopped at checkpoint-4 (resumable)" and listed["a-run"]["step"] == 4
     assert listed["b-run"]["status"] == "finished" and listed["b-run"]["loss"] == 2.5 and listed["b-run"]["report"]
-    assert runs.report_text(listed["b-run"]["path"]) == "# the report\n"
-    assert "no report.md yet" in runs.report_text(listed["a-run"]["path"])
+    assert runs.report_text(str(tmp_path / "outputs"), listed["b-run"]["path"]) == "# the report\n"
+    assert "no report.md yet" in runs.report_text(str(tmp_path / "outputs"), listed["a-run"]["path"])
     assert runs.list_runs(tmp_path / "missing") == []
 
 
@@ -144,9 +144,10 @@ def test_bad_input_starts_no_process(tmp_path):
     assert message.startswith("error: overrides: method=lorra is not one of") and run is None
     assert jobs.JOBS.get("train") is before
     _fake_run(tmp_path / "r", ROWS)
-    assert actions.resume_training(str(tmp_path / "r"))[0] == f"error: resume={tmp_path / 'r'}: it has no complete " \
+    assert actions.resume_training(str(tmp_path), str(tmp_path / "r"))[0] == f"error: resume={tmp_path / 'r'}: it has no complete " \
         "checkpoint yet"
-    assert actions.start_export(str(tmp_path / "nope"), "merged", None).startswith("error: run directory")
+    assert actions.start_export(str(tmp_path), str(tmp_path / "nope"), "merged", None).startswith(
+        "error: run directory")
 
 
 def test_a_job_runs_the_cli_in_the_background_and_stops_with_sigint(tmp_path):
