@@ -10,6 +10,7 @@ import json
 import os
 import shutil
 import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -50,7 +51,7 @@ def directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes 0700; a finished output is as readable as any directory the user makes
         if final.exists():
-            old = final.with_name(f".old-{final.name}-{os.getpid()}")
+            old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:12]}")  # unique across processes and threads
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

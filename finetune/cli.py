@@ -11,7 +11,7 @@
     finetune list recipes|models                                                   what ships
     finetune recommend gpu_mem=24 [lang=zh] [task=chat] [--json]                   what fits this GPU
     finetune gpus [--watch N]                                                      GPUs, memory, processes
-    finetune web [host=127.0.0.1] [port=7860]                                      the same on a local web page
+    finetune web [host=127.0.0.1] [port=7860] [auth_file=F]                        the same on a local web page
 
 Everything a recipe holds is `key=value` (OmegaConf dotlist); double-dash flags only change how a command behaves.
 Output: what you asked for (tables, reports, --json) on stdout; logs, progress and errors on stderr.
@@ -89,6 +89,8 @@ def cmd_train(args: list[str]) -> int:
         p.add_argument("--dry-run", action="store_true", help="estimate memory and stop; loads no weights"),
         p.add_argument("--force", action="store_true", help="start even when the estimate says it will not fit"),
         p.add_argument("--print-config", action="store_true", help="print the fully resolved recipe and stop"),
+        p.add_argument("--trust-remote-code", action="store_true",
+                       help="let transformers run Python files from the model's repository (never a recipe key)"),
     ))
     recipe = _load(pairs)
     if flags.print_config:
@@ -98,7 +100,7 @@ def cmd_train(args: list[str]) -> int:
         return _estimate(recipe, as_json=False, png=None, compare=True)
     from finetune import train
 
-    run = train.run(recipe, force=flags.force)
+    run = train.run(recipe, force=flags.force, trust_remote_code=flags.trust_remote_code)
     if int(os.environ.get("RANK", "0")) == 0:  # under accelerate/torchrun every rank returns here
         out.print(f"[bold green]done[/] — run directory: {run.path}", soft_wrap=True)
     return 0

@@ -10,17 +10,27 @@
     <run>/summary.json       the end of the run: steps, losses, tokens/s, wall time, measured peak memory
     <run>/report.md, *.png   the human summary: loss curve, throughput, samples before/after
     <run>/export/{merged,gguf,ollama,awq}/
+    <run>/.lock              held (fcntl.flock) by the process training, resuming or exporting it
+
+One writer at a time: train, resume and export take the run's advisory lock, so a second one (a page and a terminal,
+two terminals) is refused with the pid that holds it instead of both writing the same files. The kernel drops the
+lock when its process ends, however it ends, so a killed run never leaves it stuck.
 """
 
 from __future__ import annotations
 
+import fcntl
+import functools
 import json
+import os
 import re
 import shutil
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Optional
+from typing import IO, Any, Optional, TypeVar
 
 from finetune import atomic
 from finetune.config import Recipe, from_yaml_file, to_yaml
@@ -120,17 +130,119 @@ def open_run(path: Path | str) -> RunDir:
     return run
 
 
-def create(recipe: Recipe, path: Optional[Path] = None) -> RunDir:
-    """A new run directory holding the resolved recipe. Never clobbers: a run already there needs overwrite=true,
-    and a non-empty directory that is not a run is refused outright (it may be the user's data)."""
+class RunLock:
+    """The advisory lock on one run directory, held until `release` (or the process ends)."""
+
+    def __init__(self, path: Path, what: str) -> None:
+        self.path = Path(path)
+        handle: IO[str] = (self.path / LOCK).open("a+", encoding="utf-8")
+        try:
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            handle.seek(0)
+            holder = handle.read().split() or ["another process", "?"]
+            handle.close()
+            raise UserError(f"run {self.path} is in use by pid {holder[0]} ({' '.join(holder[1:])}); wait for it "
+                            f"to end or stop it first") from None
+        handle.seek(0)
+        handle.truncate()
+        handle.write(f"{os.getpid()} {what}\n")
+        handle.flush()
+        self.handle = handle
+
+    def release(self) -> None:
+        if not self.handle.closed:
+            fcntl.flock(self.handle, fcntl.LOCK_UN)
+            self.handle.close()
+
+    def __enter__(self) -> RunLock:
+        return self
+
+    def __exit__(self, *_: Any) -> None:
+        self.release()
+
+
+LOCK = ".lock"
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def locked(what: str) -> Callable[[F], F]:
+    """Decorate a function whose first argument is a run directory: it runs holding that run's lock. A path that is
+    not a run is passed on untouched (the function says what is wrong with it)."""
+    def wrap(fn: F) -> F:
+        @functools.wraps(fn)
+        def holding(run_dir: Path | str, *args: Any, **kwargs: Any) -> Any:
+            if not is_run(Path(run_dir)):
+                return fn(run_dir, *args, **kwargs)
+            with RunLock(Path(run_dir), what):
+                return fn(run_dir, *args, **kwargs)
+        return holding  # type: ignore[return-value]
+    return wrap
+
+
+@dataclass
+class Claim:
+    """A run directory this process is writing: its lock, whether it is new, and the run it replaces (overwrite=true),
+    kept aside under a hidden name until the new run has started."""
+
+    run: RunDir
+    lock: RunLock
+    new: bool
+    replaced: Optional[Path] = None
+
+    def started(self) -> None:
+        """The new run got past everything that can fail before training: the old one can go."""
+        if self.replaced is not None:
+            shutil.rmtree(self.replaced, ignore_errors=True)
+            self.replaced = None
+
+    def failed(self) -> None:
+        """A new run that failed before training is removed, and the run it replaced is put back; a resumed run is
+        left as it was. The lock is released either way."""
+        if self.new:
+            shutil.rmtree(self.run.path, ignore_errors=True)
+            if self.replaced is not None:
+                os.replace(self.replaced, self.run.path)
+                self.replaced = None
+        self.lock.release()
+
+
+def claim(recipe: Recipe, path: Optional[Path] = None) -> Claim:
+    """A new run directory holding the resolved recipe, locked. Never clobbers: a run already there needs
+    overwrite=true (and is then moved aside, not deleted), and a non-empty directory that is not a run is refused
+    outright (it may be the user's data)."""
     run = RunDir(Path(path or recipe.output_dir or default_output_dir(recipe)).expanduser())
+    replaced = None
     if run.path.exists() and any(run.path.iterdir()):
         if not is_run(run.path):
             raise UserError(f"output_dir {run.path} exists and is not a finetune run; choose another output_dir")
         if not recipe.overwrite:
             raise UserError(f"output_dir {run.path} already holds a run; pass overwrite=true to replace it, "
                             f"resume={run.path} to continue it, or choose another output_dir")
-        shutil.rmtree(run.path)
+        with RunLock(run.path, "being replaced"):
+            replaced = run.path.with_name(f".replaced-{run.path.name}-{uuid.uuid4().hex[:8]}")
+            os.replace(run.path, replaced)
     run.path.mkdir(parents=True, exist_ok=True)
-    atomic.write_text(run.recipe_file, to_yaml(recipe))
-    return run
+    try:
+        held = RunLock(run.path, "train")
+    except UserError:
+        if replaced is not None:
+            raise UserError(f"output_dir {run.path} was created by another process just now; the run it replaced "
+                            f"is kept at {replaced}") from None
+        raise
+    claimed = Claim(run, held, new=True, replaced=replaced)
+    try:
+        atomic.write_text(run.recipe_file, to_yaml(recipe))
+    except BaseException:
+        claimed.failed()
+        raise
+    return claimed
+
+
+def create(recipe: Recipe, path: Optional[Path] = None) -> RunDir:
+    """A new run directory holding the resolved recipe, as `claim` makes it, for a writer that needs no lock past
+    this call (tests, benchmarks): a replaced run is removed at once."""
+    claimed = claim(recipe, path)
+    claimed.started()
+    claimed.lock.release()
+    return claimed.run

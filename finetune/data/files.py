@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import glob
 import hashlib
+import itertools
 import json
 import os
 import re
@@ -24,6 +25,14 @@ from finetune.errors import UserError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+MAX_DEPTH = 100
+"""Deepest JSON nesting a record may have. Chat data nests a few levels (messages, tool calls, arguments); past
+about a thousand `datasets` recurses out of Python's stack (RecursionError) and, at ~100,000 (a 400 KB line),
+pyarrow's JSON reader overflows the C stack and the process dies with a segfault and no message."""
+MAX_LINE_BYTES = 64 * 2**20
+"""Longest JSON Lines record: tens of millions of tokens, far past any model's context; a longer line is a file
+that is not JSON Lines (or a mistake), and reading it would hold it whole in memory, several times over."""
+_STRING = re.compile(rb'"(?:[^"\\]++|\\.)*+"')
 
 
 def cache_dir(kind: str = "datasets") -> Path:
@@ -82,6 +91,31 @@ def scan_json(path: Path) -> list[tuple[int, str, str]]:
     return problems
 
 
+def check_json_shape(path: Path) -> None:
+    """UserError naming the line where a JSON or JSON Lines file nests deeper than MAX_DEPTH, or where a JSON Lines
+    record is longer than MAX_LINE_BYTES: found before any parser sees it, since the parsers crash on them."""
+    with path.open("rb") as handle:
+        lines = iter(lambda: handle.readline(MAX_LINE_BYTES + 1), b"")
+        first = next(lines, b"")
+        array = first.lstrip().startswith(b"[")  # one JSON array (read whole by Python's json): no line limit
+        depth, number = 0, 1
+        for chunk in itertools.chain([first], lines):
+            if len(chunk) > MAX_LINE_BYTES and not array:
+                raise UserError(f"{path} line {number}: longer than {MAX_LINE_BYTES // 2**20} MiB; a JSON Lines "
+                                f"file holds one record per line")
+            structure = _STRING.sub(b"", chunk)
+            if depth + structure.count(b"[") + structure.count(b"{") > MAX_DEPTH:
+                for char in structure:
+                    depth += (char in b"[{") - (char in b"]}")
+                    if depth > MAX_DEPTH:
+                        raise UserError(f"{path} line {number}: nested more than {MAX_DEPTH} levels deep; no chat "
+                                        f"or instruction record needs that (is it the right file?)")
+            else:
+                depth += structure.count(b"[") + structure.count(b"{") - structure.count(b"]") - structure.count(b"}")
+            number += chunk.endswith(b"\n")
+            depth = depth if array else 0
+
+
 def _json_array_problem(path: Path) -> Optional[str]:
     """For a .json file holding one array: where it stops being valid JSON (None if it is JSON Lines or valid)."""
     text = path.read_text(encoding="utf-8", errors="replace")
@@ -132,6 +166,8 @@ def _load(builder: str, path: Path) -> Dataset:
 def read_file(path: Path, on_bad_record: str) -> tuple[Dataset, Counter]:
     """One local file as a raw dataset, plus the lines left out (skip mode) counted by reason."""
     builder = BUILDERS[path.suffix]
+    if builder == "json":
+        check_json_shape(path)
     try:
         return _load(builder, path), Counter()
     except Exception as exc:  # datasets wraps the parser's error; find the line ourselves

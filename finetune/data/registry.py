@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
+from finetune.data.files import HUB_ID
 from finetune.data.turns import CALL
 from finetune.errors import UserError, did_you_mean
 
@@ -95,12 +96,24 @@ def _tags(info: dict[str, Any], where: str) -> tuple[dict[str, str], dict[str, s
 
 
 def _path(directory: str, info: dict[str, Any], where: str) -> str:
+    """The entry's data: a hub id that names nothing on this disk, or a file or folder inside DIR. A registry is a
+    file others write (a downloaded data folder), so it never reaches elsewhere: no absolute path, no `..`, no
+    symlink out, no hub id that is really a local directory (the loader tries a local path first)."""
     if info.get("hf_hub_url"):
-        return str(info["hf_hub_url"])
+        hub = str(info["hf_hub_url"])
+        if not HUB_ID.match(hub) or Path(hub).expanduser().exists():
+            raise UserError(f"{where}: hf_hub_url '{hub}' is not a hub dataset id (org/name); local data is named "
+                            "with file_name, inside the data folder")
+        return hub
     if not info.get("file_name"):
         raise UserError(f"{where}: has neither file_name nor hf_hub_url (other hubs and loading scripts are not "
                         "read here: download the data and name it with file_name)")
-    return str(Path(directory).expanduser() / info["file_name"])
+    root = Path(directory).expanduser().resolve()
+    target = (root / str(info["file_name"])).resolve()
+    if not target.is_relative_to(root) or target == root:
+        raise UserError(f"{where}: file_name '{info['file_name']}' leads outside {root}; a registry names files "
+                        "inside its own folder")
+    return str(target)
 
 
 def entry(directory: str, name: str) -> Entry:

@@ -17,7 +17,7 @@ from finetune.export import gguf as gguf_mod
 from finetune.export import merge as merge_mod
 from finetune.export import ollama as ollama_mod
 from finetune.export.llamacpp import ensure_toolchain
-from finetune.rundir import EXPORT_TARGETS, RunDir, open_run
+from finetune.rundir import EXPORT_TARGETS, RunDir, locked, open_run
 
 PROMPTS = ("Introduce yourself in one sentence.", "用三句话介绍一下长城。",
            "Write a haiku about the sea.", "如何用 Python 读取一个 JSON 文件？")
@@ -144,6 +144,7 @@ def _verify(run: RunDir, merged: Path, result: ExportResult, quant: str) -> None
                         f"model (see {result.report}); please report it with that file")
 
 
+@locked("export")  # one writer per run: two exports, or an export during training, never mix files
 def export(run_dir: Path, to: str, *, quant: str = "q4_k_m", verify: bool = True, force: bool = False,
            name: Optional[str] = None) -> ExportResult:
     """Export a run to `to` (merged | gguf | ollama | awq); returns where everything is and what to run next."""

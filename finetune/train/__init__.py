@@ -17,10 +17,12 @@ STAGES: dict[Stage, str] = {"sft": "sft", "dpo": "dpo", "kto": "kto", "orpo": "o
 """recipe stage → its module in finetune.train (imported only when that stage runs: each pulls in its trainer)."""
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunDir:
-    """Train `recipe` (its memory estimate first: refuses when it will not fit, unless `force`)."""
+def run(recipe: Recipe, *, force: bool = False, trust_remote_code: bool = False) -> RunDir:
+    """Train `recipe` (its memory estimate first: refuses when it will not fit, unless `force`). `trust_remote_code`
+    lets transformers run Python files from the model's repository; it is never part of a recipe, so only the
+    person typing the command can turn it on."""
     module = importlib.import_module(f"finetune.train.{STAGES[recipe.stage]}")  # one module per stage
-    return module.run(recipe, force=force)
+    return module.run(recipe, force=force, trust_remote_code=trust_remote_code)
 
 
 __all__ = ["run"]

@@ -37,11 +37,11 @@ class PretokenizedDPOTrainer(DPOTrainer):
         return dataset
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunDir:
+def run(recipe: Recipe, *, force: bool = False, trust_remote_code: bool = False) -> RunDir:
     sft_run = rundir.open_run(recipe.dpo.sft_run) if recipe.dpo.sft_run else None
-    session = lifecycle.start(recipe, force=force)
+    session = lifecycle.start(recipe, force=force, trust_remote_code=trust_remote_code)
     with lifecycle.discarded_on_failure(session):
-        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=session.trust_remote_code)
         with PartialState().local_main_process_first():
             splits = data.build_preference(recipe, tokenizer, session.template)
         args = lifecycle.trainer_args(DPOConfig, session, has_eval="eval" in splits, beta=recipe.dpo.beta,

@@ -49,16 +49,16 @@ def prompts_and_answers(split: Dataset, tokenizer: Any) -> Dataset:
     return split.map(cut, remove_columns=split.column_names, desc="Prompts")
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunDir:
+def run(recipe: Recipe, *, force: bool = False, trust_remote_code: bool = False) -> RunDir:
     g = recipe.grpo
     if (recipe.train.micro_batch * recipe.train.grad_accum) % g.num_generations:
         raise UserError(f"stage=grpo: train.micro_batch × train.grad_accum ({recipe.train.micro_batch} × "
                         f"{recipe.train.grad_accum}) must be a multiple of grpo.num_generations={g.num_generations}: "
                         "each prompt's answers are scored as one group")
     rewards = reward_functions(recipe)  # a bad reward.fn fails before any weight is read
-    session = lifecycle.start(recipe, force=force)
+    session = lifecycle.start(recipe, force=force, trust_remote_code=trust_remote_code)
     with lifecycle.discarded_on_failure(session):
-        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=session.trust_remote_code)
         with PartialState().local_main_process_first():
             built = data.build(recipe, tokenizer, session.template)
         if "position_ids" in built["train"].column_names:

@@ -57,13 +57,13 @@ class PretokenizedKTOTrainer(KTOTrainer):
         return with_kl_completions(rows, args.per_device_train_batch_size) if self.calculate_KL else rows
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunDir:
+def run(recipe: Recipe, *, force: bool = False, trust_remote_code: bool = False) -> RunDir:
     if recipe.train.micro_batch < 2:
         raise UserError("stage=kto needs train.micro_batch >= 2: its KL term pairs each answer with another "
                         "prompt of the same micro-batch")
-    session = lifecycle.start(recipe, force=force)
+    session = lifecycle.start(recipe, force=force, trust_remote_code=trust_remote_code)
     with lifecycle.discarded_on_failure(session):
-        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=session.trust_remote_code)
         with PartialState().local_main_process_first():
             splits = data.build_preference(recipe, tokenizer, session.template)
         objective: dict[str, Any] = {"beta": recipe.pref.beta if recipe.pref.beta is not None else 0.1,

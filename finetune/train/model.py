@@ -39,7 +39,7 @@ def load_model(session: Session, path: Optional[Path] = None) -> torch.nn.Module
     if recipe.train.attn_implementation == "flash_attention_2" and where.use_cpu:
         raise UserError("train.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
     kwargs: dict[str, Any] = {"attn_implementation": recipe.train.attn_implementation,
-                              "trust_remote_code": recipe.trust_remote_code}
+                              "trust_remote_code": session.trust_remote_code}
     if recipe.stage == "rm":
         kwargs["num_labels"] = 1  # the value head: one scalar reward per sequence
     if recipe.method == "qlora":

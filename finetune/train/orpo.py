@@ -50,12 +50,12 @@ def paired_columns(splits: DatasetDict) -> DatasetDict:
                         for name, split in splits.items()})
 
 
-def run_paired(recipe: Recipe, trainer_class: type, config_class: type, *, force: bool, **objective: Any
-               ) -> RunDir:
+def run_paired(recipe: Recipe, trainer_class: type, config_class: type, *, force: bool, trust_remote_code: bool,
+               **objective: Any) -> RunDir:
     """A paired preference stage without a reference model (orpo, simpo): base (+ fresh adapter) → trainer → finish."""
-    session = lifecycle.start(recipe, force=force)
+    session = lifecycle.start(recipe, force=force, trust_remote_code=trust_remote_code)
     with lifecycle.discarded_on_failure(session):
-        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=session.trust_remote_code)
         with PartialState().local_main_process_first():
             splits = data.build_preference(recipe, tokenizer, session.template)
         args = lifecycle.trainer_args(config_class, session, has_eval="eval" in splits,
@@ -69,6 +69,7 @@ def run_paired(recipe: Recipe, trainer_class: type, config_class: type, *, force
     return lifecycle.finish(session, trainer, samples)
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunDir:
+def run(recipe: Recipe, *, force: bool = False, trust_remote_code: bool = False) -> RunDir:
     beta = recipe.pref.beta if recipe.pref.beta is not None else 0.1
-    return run_paired(recipe, PretokenizedORPOTrainer, ORPOConfig, force=force, beta=beta)
+    return run_paired(recipe, PretokenizedORPOTrainer, ORPOConfig, force=force, trust_remote_code=trust_remote_code,
+                      beta=beta)

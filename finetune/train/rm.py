@@ -32,10 +32,10 @@ def whole_sequences(splits: DatasetDict) -> DatasetDict:
                         for name, split in splits.items()})
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunDir:
-    session = lifecycle.start(recipe, force=force)
+def run(recipe: Recipe, *, force: bool = False, trust_remote_code: bool = False) -> RunDir:
+    session = lifecycle.start(recipe, force=force, trust_remote_code=trust_remote_code)
     with lifecycle.discarded_on_failure(session):
-        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=session.trust_remote_code)
         if tokenizer.pad_token is None:  # the collator pads with it; the head finds the last real token by it
             tokenizer.pad_token = tokenizer.eos_token
         with PartialState().local_main_process_first():

@@ -7,8 +7,10 @@
     finish()         train (or resume), evaluate, save adapter or full model + tokenizer, summary, report.md
 
 `python -m finetune recipe=X` runs one process; `accelerate launch -m finetune recipe=X` (or torchrun) runs the
-same code once per process: only rank 0 writes, everyone trains. `discarded_on_failure` removes a new run's
-directory when it fails before training.
+same code once per process: only rank 0 writes, everyone trains. Rank 0 holds the run directory's lock from
+start() to the end of finish() (rundir.Claim). `discarded_on_failure` removes a new run's directory when it fails
+before training, and puts back the run it replaced (overwrite=true moves the old run aside; it is deleted only once
+the new one has started training).
 """
 
 from __future__ import annotations
@@ -67,6 +69,8 @@ class Session:
     estimate: dict[str, Any]
     console: Console
     started: float
+    claim: Optional[rundir.Claim]  # rank 0's lock on the run directory (None on the other ranks)
+    trust_remote_code: bool = False  # --trust-remote-code: transformers may run the model repository's code
 
     @property
     def template(self) -> str:
@@ -76,7 +80,7 @@ class Session:
         return self.spec.family.template
 
 
-def start(recipe: Recipe, *, force: bool) -> Session:
+def start(recipe: Recipe, *, force: bool, trust_remote_code: bool = False) -> Session:
     """Everything that can refuse a run happens here, before a single weight is read."""
     started = time.monotonic()
     where = distributed.launch()
@@ -89,12 +93,27 @@ def start(recipe: Recipe, *, force: bool) -> Session:
     if estimate is None:  # a hub id or directory: its config is here now, still no weight is loaded
         spec = model.spec
         estimate = on_main(where, lambda: check_fit(recipe, spec, where, force))
-    run_dir, checkpoint = on_main(where, lambda: open_run_dir(recipe))
-    session = Session(recipe, where, spec, model, RunDir(run_dir), checkpoint, estimate, console, started)
+    claims: list[rundir.Claim] = []
+
+    def claim_run_dir() -> tuple[Path, Optional[Path]]:
+        claimed, checkpoint = open_run_dir(recipe)
+        claims.append(claimed)
+        return claimed.run.path, checkpoint
+
+    run_dir, checkpoint = on_main(where, claim_run_dir)
+    session = Session(recipe, where, spec, model, RunDir(run_dir), checkpoint, estimate, console, started,
+                      claims[0] if claims else None, trust_remote_code)
     if where.is_main:
-        session.run.write_base(base_info(recipe, spec, model))
-        atomic.write_json(session.run.estimate_file, estimate)
+        try:
+            session.run.write_base(base_info(recipe, spec, model))
+            atomic.write_json(session.run.estimate_file, estimate)
+        except BaseException:
+            session.claim.failed()
+            raise
         report.announce(session)
+        if trust_remote_code:
+            console.print("[bold yellow]remote code[/] --trust-remote-code: transformers may run Python files from the "
+                          "model's repository")
     set_seed(recipe.seed)
     return session
 
@@ -102,13 +121,16 @@ def start(recipe: Recipe, *, force: bool) -> Session:
 @contextmanager
 def discarded_on_failure(session: Session) -> Iterator[None]:
     """A new run that fails before its first step (a broken data line, weights that will not load) leaves no
-    directory behind: it holds only what start() just wrote. A resumed run is never touched."""
+    directory behind: it holds only what start() just wrote, and the run it replaced comes back. A resumed run is
+    never touched. Past this point the replaced run is deleted."""
     try:
         yield
     except BaseException:
-        if session.recipe.resume is None and session.launch.is_main:
-            shutil.rmtree(session.run.path, ignore_errors=True)
+        if session.claim is not None:
+            session.claim.failed()
         raise
+    if session.claim is not None:
+        session.claim.started()
 
 
 def on_main(where: Launch, work) -> Any:
@@ -140,19 +162,21 @@ def check_fit(recipe: Recipe, spec: Optional[ModelSpec], where: Launch, force: b
     return estimate
 
 
-def open_run_dir(recipe: Recipe) -> tuple[Path, Optional[Path]]:
-    """(run directory, checkpoint to resume from): a new run, or the run `resume=` names (auto: the newest
-    unfinished run of this recipe, else a new one). Lines a killed run logged after its checkpoint are dropped."""
+def open_run_dir(recipe: Recipe) -> tuple[rundir.Claim, Optional[Path]]:
+    """(the run directory, locked; checkpoint to resume from): a new run, or the run `resume=` names (auto: the
+    newest unfinished run of this recipe, else a new one). Lines a killed run logged after its checkpoint are
+    dropped."""
     target = resume_target(recipe)
     if target is None:
-        return rundir.create(recipe).path, None
+        return rundir.claim(recipe), None
     checkpoint = target.last_checkpoint()
     if checkpoint is None:
         raise UserError(f"resume={recipe.resume}: {target.path} has no complete checkpoint yet (one is saved every "
                         f"train.save_steps={recipe.train.save_steps} steps and on Ctrl-C); start a new run instead")
+    held = rundir.RunLock(target.path, "train (resumed)")  # a run still training is refused here
     atomic.write_text(target.recipe_file, to_yaml(recipe))
     callbacks.keep_metrics_until(target.metrics_file, int(checkpoint.name.split("-")[-1]))
-    return target.path, checkpoint
+    return rundir.Claim(target, held, new=False), checkpoint
 
 
 def resume_target(recipe: Recipe) -> Optional[RunDir]:
@@ -216,7 +240,16 @@ def stop_ids(session: Session, tokenizer: Any) -> list[int]:
 
 
 def finish(session: Session, trainer: Any, samples: list[report.Sample]) -> RunDir:
-    """Train (or resume), evaluate, save the weights and tokenizer, write summary.json and report.md."""
+    """Train (or resume), evaluate, save the weights and tokenizer, write summary.json and report.md; the run's
+    lock is released however it ends."""
+    try:
+        return _finish(session, trainer, samples)
+    finally:
+        if session.claim is not None:
+            session.claim.lock.release()
+
+
+def _finish(session: Session, trainer: Any, samples: list[report.Sample]) -> RunDir:
     run, where = session.run, session.launch
     stop, peak = callbacks.GracefulStop(), callbacks.PeakMemory()
     for callback in (stop, peak, callbacks.MetricsLog(run.metrics_file)):
@@ -241,7 +274,8 @@ def finish(session: Session, trainer: Any, samples: list[report.Sample]) -> RunD
         report.generate(trainer.model, trainer.processing_class, samples, stop_ids(session, trainer.processing_class),
                         "after")
     summary = {**report.summarize(session, trainer, result.metrics, peak.peak),
-               "ranks": where.gather(distributed.rank_info(trainer))}
+               "ranks": where.gather(distributed.rank_info(trainer)),
+               **({"trust_remote_code": True} if session.trust_remote_code else {})}
     if where.is_main:
         summary["weights"] = str(weights)
         atomic.write_json(run.summary_file, summary)

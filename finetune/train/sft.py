@@ -21,10 +21,10 @@ from finetune.train import session as lifecycle
 from finetune.train.model import load_model, lora_config
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunDir:
-    session = lifecycle.start(recipe, force=force)
+def run(recipe: Recipe, *, force: bool = False, trust_remote_code: bool = False) -> RunDir:
+    session = lifecycle.start(recipe, force=force, trust_remote_code=trust_remote_code)
     with lifecycle.discarded_on_failure(session):
-        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=recipe.trust_remote_code)
+        tokenizer = AutoTokenizer.from_pretrained(session.model.path, trust_remote_code=session.trust_remote_code)
         with PartialState().local_main_process_first():  # rank 0 tokenizes, the others read the datasets cache
             splits = data.build(recipe, tokenizer, session.template)
         packed = "position_ids" in splits["train"].column_names

@@ -20,7 +20,7 @@ class PretokenizedCPOTrainer(CPOTrainer):
         return {}
 
 
-def run(recipe: Recipe, *, force: bool = False) -> RunDir:
+def run(recipe: Recipe, *, force: bool = False, trust_remote_code: bool = False) -> RunDir:
     beta = recipe.pref.beta if recipe.pref.beta is not None else 2.0  # the SimPO paper's range is 2-2.5
-    return run_paired(recipe, PretokenizedCPOTrainer, CPOConfig, force=force, loss_type="simpo", cpo_alpha=0.0,
-                      beta=beta, simpo_gamma=recipe.pref.simpo_gamma)
+    return run_paired(recipe, PretokenizedCPOTrainer, CPOConfig, force=force, trust_remote_code=trust_remote_code,
+                      loss_type="simpo", cpo_alpha=0.0, beta=beta, simpo_gamma=recipe.pref.simpo_gamma)
