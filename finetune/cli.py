@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from finetune import config
+from finetune import config, quiet
 from finetune.errors import UserError, did_you_mean
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -331,7 +331,9 @@ def _usage() -> str:
 
 
 def _setup_logging() -> None:
-    """Our own INFO lines (model source, mirror used, estimate) go to stderr; libraries stay at their level."""
+    """Our own INFO lines (model source, mirror used, estimate) go to stderr; libraries stay at their level, less
+    the lines that are expected here (finetune.quiet)."""
+    quiet.install()
     handler = RichHandler(console=err, show_time=False, show_path=False, markup=False)
     logger = logging.getLogger("finetune")
     if not logger.handlers:
