@@ -148,12 +148,8 @@ def cmd_data(args: list[str]) -> int:
     preview = int(previews[-1].split("=", 1)[1]) if previews else 3
     recipe = _load([p for p in pairs if not p.startswith("preview=")])
     from finetune import data
-    from finetune.models import hub
-    from transformers import AutoTokenizer
 
-    resolved = hub.resolve(recipe)
-    tokenizer = AutoTokenizer.from_pretrained(resolved.path)
-    template = resolved.spec.family.template if resolved.spec else _no_template(recipe)
+    tokenizer, template = data.tokenizer_for(recipe)
     result = data.inspect(recipe, tokenizer, template, preview=preview)
     if flags.json:
         print(json.dumps(result, default=str, ensure_ascii=False))
@@ -163,11 +159,6 @@ def cmd_data(args: list[str]) -> int:
         data.save_length_histogram_png(result, Path(flags.png))
         err.print(f"length histogram: {flags.png}")
     return 0
-
-
-def _no_template(recipe: config.Recipe) -> str:
-    raise UserError(f"model {recipe.model} is not a known family, so its chat format is unknown; use a registry "
-                    f"model (`finetune list models`)")
 
 
 @dataclass

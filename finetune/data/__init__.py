@@ -20,12 +20,12 @@ from typing import Any
 
 from datasets import DatasetDict
 
-from finetune.data.inspect import inspect, render_inspect, save_length_histogram_png
+from finetune.data.inspect import inspect, render_inspect, save_length_histogram_png, tokenizer_for
 from finetune.data.pack import pack
 from finetune.data.render import prepare
 from finetune.errors import UserError
 
-__all__ = ["build", "build_preference", "inspect", "render_inspect", "save_length_histogram_png"]
+__all__ = ["build", "build_preference", "inspect", "render_inspect", "save_length_histogram_png", "tokenizer_for"]
 
 
 def build(recipe: Any, tokenizer: Any, template: str) -> DatasetDict:

@@ -1,6 +1,7 @@
 """What `finetune data` shows before anyone spends GPU time: counts, why records were dropped or truncated, the
 token-length histogram (text and PNG), and the first example exactly as the trainer receives it, trained tokens
-highlighted. Everything is computed from the same cached pipeline that training uses.
+highlighted. Everything is computed from the same cached pipeline that training uses, with the model's tokenizer
+alone: a registry model's ships in the package, so inspecting data downloads no weights (a 7B model's are 15 GB).
 """
 
 from __future__ import annotations
@@ -11,9 +12,11 @@ from typing import Any
 import numpy as np
 
 from finetune import atomic
-from finetune.data.load import column
+from finetune.data import files
+from finetune.data.load import column, sources
 from finetune.data.pack import pack, padding_waste
 from finetune.data.render import IGNORE, prepare
+from finetune.errors import UserError
 
 HISTOGRAM_BINS = 16
 
@@ -23,6 +26,31 @@ def _stats(lengths: list[int], trained: int) -> dict[str, Any]:
     return {"total": int(values.sum()), "trained": int(trained), "min": int(values.min()), "max": int(values.max()),
             "mean": round(float(values.mean()), 1), "p50": int(np.percentile(values, 50)),
             "p95": int(np.percentile(values, 95))}
+
+
+def tokenizer_for(recipe: Any) -> tuple[Any, str]:
+    """(tokenizer, chat template) to encode the recipe's data with. The data paths are checked first: a typo is
+    reported before anything is fetched. Only a model the registry cannot tokenize from shipped files (a local
+    directory, a hub id it does not know, a variant with its own vocabulary) is resolved through the hub."""
+    for source in sources(recipe.data):
+        files.resolve(source.path, source.where)
+    if recipe.data.eval_path:
+        files.resolve(recipe.data.eval_path, "data.eval_path")
+    from finetune.models import registry, tokenizers
+
+    spec = registry.known_spec(recipe.model, recipe.variant)
+    tokenizer = tokenizers.for_variant(spec) if spec else None
+    if tokenizer is None:
+        from transformers import AutoTokenizer
+
+        from finetune.models import hub
+
+        resolved = hub.resolve(recipe)
+        if resolved.spec is None:
+            raise UserError(f"model {recipe.model} is not a known family, so its chat format is unknown; use a "
+                            f"registry model (`finetune list models`)")
+        spec, tokenizer = resolved.spec, AutoTokenizer.from_pretrained(resolved.path)
+    return tokenizer, spec.family.template
 
 
 def inspect(recipe: Any, tokenizer: Any, template: str, *, preview: int = 3) -> dict[str, Any]:

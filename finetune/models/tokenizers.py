@@ -40,6 +40,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 from finetune import atomic, shipped
 from finetune.errors import UserError, did_you_mean
 from finetune.models import templates
+from finetune.models.registry import ModelSpec
 
 BUNDLED = shipped.TOKENIZER_FILES
 CONFIG = "tokenizer_config.json"  # read for special tokens and model_max_length when the source has one
@@ -263,6 +264,20 @@ def bundled_tokenizer_dir(family: str) -> Path:
                 shutil.copyfile(source / name, path / name)
 
     return atomic.build_once(_cache_root() / f"{family}-{h.hexdigest()[:16]}", build, marker="tokenizer.json")
+
+
+def for_variant(spec: ModelSpec) -> Optional[PreTrainedTokenizerFast]:
+    """The tokenizer a registry checkpoint carries, from the shipped files: what needs a tokenizer alone (`finetune
+    data`) then downloads nothing. None for a variant with a vocabulary of its own (Chinese-LLaMA-2's 55,296), whose
+    tokenizer only its repo has. A variant's config names its eos, as its published tokenizer_config does (Qwen2.5's
+    base models end text with <|endoftext|>, the instruct ones with <|im_end|>)."""
+    if "vocab_size" in spec.variant.config_overrides:
+        return None
+    tokenizer = AutoTokenizer.from_pretrained(bundled_tokenizer_dir(spec.family.name))
+    eos = spec.original_config.get("eos_token_id")
+    if isinstance(eos, int) and eos != tokenizer.eos_token_id:
+        tokenizer.eos_token = tokenizer.convert_ids_to_tokens(eos)
+    return tokenizer
 
 
 @cache
