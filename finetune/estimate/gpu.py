@@ -207,13 +207,24 @@ def format_gpus(gpus: list[GPU]) -> RenderableType:
 
 
 def watch(interval: float, console: Console) -> None:
-    """Refresh the table every `interval` seconds until Ctrl-C, like `gpustat -i`."""
+    """Refresh the table every `interval` seconds until Ctrl-C, like `gpustat -i`. With no GPU there is nothing to
+    watch: it says so once and returns, as plain `finetune gpus` does. Into a pipe or a log (no terminal to redraw
+    in) each refresh is printed below the last, like `nvidia-smi -l`, instead of nothing until Ctrl-C."""
     from rich.live import Live
 
-    with Live(format_gpus(detect()), console=console, auto_refresh=False) as live:
-        try:
+    gpus = detect()
+    if not gpus:
+        console.print(format_gpus(gpus))
+        return
+    try:
+        if not console.is_terminal:
+            while True:
+                console.print(format_gpus(gpus))
+                time.sleep(interval)
+                gpus = detect()
+        with Live(format_gpus(gpus), console=console, auto_refresh=False) as live:
             while True:
                 time.sleep(interval)
                 live.update(format_gpus(detect()), refresh=True)
-        except KeyboardInterrupt:
-            pass
+    except KeyboardInterrupt:
+        pass
