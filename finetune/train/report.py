@@ -2,7 +2,9 @@
 
 Sample prompts are the held-out examples themselves, cut where their first trained token starts: exactly the
 inference prompt of the family's template (system + user + assistant marker), so the samples show what the
-deployed model will answer, with the reference answer next to it.
+deployed model will answer, with the reference answer next to it. A recipe that holds nothing out samples its
+first training examples instead, and report.md says so: an answer to a prompt the model trained on shows that it
+learnt the data, not that it generalises.
 """
 
 from __future__ import annotations
@@ -33,17 +35,20 @@ MAX_NEW_TOKENS = 64
 class Sample:
     prompt_ids: list[int]
     reference_ids: list[int]
+    trained_on: bool = False  # a training example (the recipe held nothing out), not an unseen one
     before: str = ""
     after: str = ""
 
 
 def held_out(splits: DatasetDict, count: int) -> list[Sample]:
     """The first `count` eval examples (train examples when there is no eval split) as prompt + reference."""
-    split = splits["eval"] if "eval" in splits else splits["train"]
+    trained_on = "eval" not in splits
+    split = splits["train"] if trained_on else splits["eval"]
     samples: list[Sample] = []
     for row in split.select(range(min(count, len(split)))):
         if "prompt_ids" in row:  # preference data (KTO: the judged answer, good or bad)
-            samples.append(Sample(list(row["prompt_ids"]), list(row.get("chosen_ids") or row["completion_ids"])))
+            samples.append(Sample(list(row["prompt_ids"]), list(row.get("chosen_ids") or row["completion_ids"]),
+                                  trained_on))
             continue
         ids, labels = list(row["input_ids"]), list(row["labels"])
         if "seq_lengths" in row:  # a packed row: its first example only
@@ -54,16 +59,22 @@ def held_out(splits: DatasetDict, count: int) -> list[Sample]:
         end = first
         while end < len(labels) and labels[end] != IGNORE:
             end += 1
-        samples.append(Sample(ids[:first], ids[first:end]))
+        samples.append(Sample(ids[:first], ids[first:end], trained_on))
     return samples
 
 
 @torch.no_grad()
 def generate(model: Any, tokenizer: Any, samples: list[Sample], stop_ids: list[int], attr: str) -> None:
-    """Greedy answers (deterministic, no RNG used) into `sample.<attr>`; the model's train/eval mode is kept."""
+    """Greedy answers (deterministic, no RNG used) into `sample.<attr>`; the model's train/eval mode is kept, and
+    so are its 4-bit layers: on a CPU with AVX512-bf16, bitsandbytes 0.50 repacks a 4-bit layer for its inference
+    kernel the first time the layer runs in eval mode, and a repacked layer fails in training ("a view of a leaf
+    Variable that requires grad is being used in an in-place operation"), so the layers are told not to."""
     if not samples:
         return
     was_training = model.training
+    packing = [m for m in model.modules() if getattr(m, "support_avx512bf16_for_cpu", False)]
+    for module in packing:
+        module.support_avx512bf16_for_cpu = False
     model.eval()
     device = next(model.parameters()).device
     for sample in samples:
@@ -72,6 +83,8 @@ def generate(model: Any, tokenizer: Any, samples: list[Sample], stop_ids: list[i
                              do_sample=False, eos_token_id=stop_ids, pad_token_id=stop_ids[0], use_cache=True)
         setattr(sample, attr, tokenizer.decode(out[0, ids.shape[1]:], skip_special_tokens=True).strip())
     model.train(was_training)
+    for module in packing:
+        module.support_avx512bf16_for_cpu = True
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:
@@ -134,14 +147,23 @@ def write(run: RunDir, summary: dict[str, Any], samples: list[Sample], tokenizer
     if curve:
         lines += [f"![loss curve]({curve.name})", ""]
     if samples:
-        lines += ["## Samples of held-out prompts", "",
-                  f"Greedy, at most {MAX_NEW_TOKENS} new tokens, before and after training.", ""]
+        lines += _samples_heading(any(sample.trained_on for sample in samples))
         for n, sample in enumerate(samples, 1):
             lines += [f"### {n}", "", "Prompt:", "", _fence(tokenizer.decode(sample.prompt_ids)), "",
                       "Reference:", "", _fence(tokenizer.decode(sample.reference_ids, skip_special_tokens=True)), "",
                       "Before:", "", _fence(sample.before), "", "After:", "", _fence(sample.after), ""]
     lines += ["## Next", "", "```", summary["next"], "```", ""]
     return atomic.write_text(run.report_file, "\n".join(lines))
+
+
+def _samples_heading(trained_on: bool) -> list[str]:
+    if not trained_on:
+        return ["## Samples of held-out prompts", "",
+                f"Greedy, at most {MAX_NEW_TOKENS} new tokens, before and after training.", ""]
+    return ["## Samples of training prompts", "",
+            f"Greedy, at most {MAX_NEW_TOKENS} new tokens, before and after training. The recipe held nothing out, "
+            "so these prompts were trained on: a good answer shows the data was learnt, not that the model "
+            "generalises (data.val_size=0.05 or data.eval_path=FILE holds examples out).", ""]
 
 
 def _num(value: Optional[float]) -> str:
