@@ -14,6 +14,7 @@ import json
 import os
 from collections.abc import Generator
 from contextlib import AbstractContextManager, nullcontext
+from functools import cache
 from itertools import islice
 from pathlib import Path
 from typing import Any, Optional
@@ -27,6 +28,34 @@ from finetune.infer.load import Source
 CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "model_max_length", "n_positions")
 GGUF_MAX_CONTEXT = 8192
 """llama.cpp allocates its KV cache for the whole context up front; a 32k-token Qwen2.5 cache would take GBs."""
+
+
+@cache
+def gguf_trained_context(path: Path) -> Optional[int]:
+    """The context length a GGUF's model was trained for (`<arch>.context_length`), read from its metadata by a
+    vocab-only load with no context. A vocab-only `Llama` also creates a 512-token context, and llama.cpp warns that
+    it overflows a trained context of 0 (a vocab-only load reads no hyperparameters). `_internals.LlamaModel` is the
+    model half of `Llama` (quiet with verbose=False, as `Llama` is), stable here: the build is pinned."""
+    from finetune.export.llamacpp import require_llama_cpp
+
+    llama_cpp = require_llama_cpp()
+    params = llama_cpp.llama_model_default_params()
+    params.vocab_only = True
+    try:
+        model = llama_cpp._internals.LlamaModel(path_model=str(path), params=params, verbose=False)
+    except ValueError as exc:
+        raise UserError(f"{path}: llama.cpp cannot read it as a GGUF model ({exc}); export it again") from None
+    try:
+        metadata = model.metadata()
+    finally:
+        model.close()
+    context = metadata.get(f"{metadata.get('general.architecture')}.context_length")
+    return int(context) if context else None
+
+
+def gguf_window(path: Path) -> int:
+    """The context llama.cpp runs the GGUF with: what it was trained for, at most GGUF_MAX_CONTEXT."""
+    return min(gguf_trained_context(path) or GGUF_MAX_CONTEXT, GGUF_MAX_CONTEXT)
 
 
 def pick(logits: torch.Tensor, sampling: Sampling, generator: Optional[torch.Generator]) -> int:
@@ -114,9 +143,7 @@ class GGUFBackend:
         if any(path != source.run.adapter_dir for path in source.adapters.values()):  # type: ignore[union-attr]
             raise UserError("backend=gguf runs one merged GGUF; adapters= needs backend=transformers (or vllm)")
         llama_cpp = require_llama_cpp()
-        trained = llama_cpp.Llama(model_path=str(self.path), vocab_only=True, verbose=False).metadata
-        arch = trained.get("general.architecture", "")
-        self.context_length = min(int(trained.get(f"{arch}.context_length", GGUF_MAX_CONTEXT)), GGUF_MAX_CONTEXT)
+        self.context_length = gguf_window(self.path)
         self.llm = llama_cpp.Llama(model_path=str(self.path), n_ctx=self.context_length, verbose=False,
                                    n_threads=os.cpu_count() or 1)
 

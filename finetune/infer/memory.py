@@ -37,10 +37,10 @@ def plan(source: Source, options: LoadOptions) -> tuple[dict[str, int], str, int
     """({term: bytes}, where it runs: "cpu" or a CUDA device, context tokens the KV term is for)."""
     facts, context = _facts(source)
     if options.backend == "gguf":
-        from finetune.infer.backends import GGUF_MAX_CONTEXT, gguf_file
+        from finetune.infer.backends import gguf_file, gguf_window
 
-        weights, weight_bytes, kv_bytes, where = _size(gguf_file(source, options.quant)), None, 2, "cpu"
-        context = min(context or GGUF_MAX_CONTEXT, GGUF_MAX_CONTEXT)
+        path = gguf_file(source, options.quant)
+        weights, weight_bytes, kv_bytes, where, context = _size(path), None, 2, "cpu", gguf_window(path)
     else:
         where, dtype = device_and_dtype(options)
         weight_bytes = kv_bytes = dtype.itemsize
@@ -62,7 +62,20 @@ def describe(source: Source, options: LoadOptions) -> str:
     free, device = _free(where)
     verdict = "" if free is None else (f"; {device} has {free / GiB:.1f} GiB free: "
                                        f"{'fits' if total <= free else 'does NOT fit, loading may fail'}")
-    return f"memory: needs ~{total / GiB:.2f} GiB on {where} ({parts} GiB){verdict}"
+    note = _window_note(source, options, context)
+    return f"memory: needs ~{total / GiB:.2f} GiB on {where} ({parts} GiB){verdict}{note}"
+
+
+def _window_note(source: Source, options: LoadOptions, context: int) -> str:
+    """Why backend=gguf plans a shorter context than the model's (and than backend=transformers, which grows its
+    cache as a conversation does): llama.cpp reserves its whole window at load."""
+    if options.backend != "gguf":
+        return ""
+    from finetune.infer.backends import gguf_file, gguf_trained_context
+
+    trained = gguf_trained_context(gguf_file(source, options.quant))
+    return (f"; the model was trained for a {trained:,}-token context, llama.cpp runs it in a window of {context:,} "
+            f"tokens (reserved whole at load)" if trained and trained > context else "")
 
 
 def _free(where: str) -> tuple[Optional[int], str]:
