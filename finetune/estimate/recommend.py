@@ -1,9 +1,12 @@
 """`finetune recommend` and `finetune list models`: the guides' model-choice rules, made into estimates.
 
 The guides our users learn from say "< 8 GB: QLoRA on 1-3B; 8-16 GB: QLoRA on 3-7B; > 16 GB: 7-13B" and quote
-weights-only figures ("QLoRA brings a 7B to 5-6 GB"). Here every shipped model × method is planned at a common
-setting (micro_batch 1, DEFAULT_LENGTH tokens, gradient checkpointing, the shipped base recipe of the method,
-one GPU), so the ranking says what training really takes on this memory, next to what loading alone takes.
+weights-only figures ("QLoRA brings a 7B to 5-6 GB"). Here every model × method is planned on one GPU as it
+would run: its shipped recipe where there is one (so a row shows the figure a dry run of that recipe shows), else
+the method's base recipe at DEFAULT_LENGTH tokens. The ranking says what training really takes on this memory, next
+to what loading alone takes. A model the registry marks superseded is ranked after every current one: it is there
+for users who already depend on it, not as a first choice. `list models` compares models at one setting, the base
+recipes' (their micro_batch, DEFAULT_LENGTH tokens): the setting of every shipped recipe of a 6-13B model.
 """
 
 from __future__ import annotations
@@ -33,26 +36,28 @@ METHOD_NOTES = {
 }
 
 
-def _setting(spec: ModelSpec, method: str, length: int = DEFAULT_LENGTH) -> config.Recipe:
-    """The common setting for this model: what `config.load(base/<method>, model=..., variant=...)` gives, made
-    from one load per method (a load takes ~0.1 s; the base recipes hold nothing that depends on the model)."""
-    return dataclasses.replace(_common(method, length), model=spec.name, variant=spec.variant.name)
+def _setting(spec: ModelSpec, method: str, recipe: Optional[str] = None) -> config.Recipe:
+    """This model × method as planned: the shipped `recipe` (on the spec's variant), else the method's base recipe
+    at DEFAULT_LENGTH tokens. One load per recipe (~0.1 s each); the model and variant are set afterwards."""
+    return dataclasses.replace(_load(recipe or f"base/{method}"), model=spec.name, variant=spec.variant.name)
 
 
 @cache
-def _common(method: str, length: int) -> config.Recipe:
-    any_model = next(iter(registry.models()))  # replaced by _setting; a recipe cannot load without one
-    return config.load(f"base/{method}", [f"model={any_model}", "distributed=none", "num_gpus=1",
-                                          "train.micro_batch=1", f"train.max_length={length}",
-                                          "train.gradient_checkpointing=true"])
+def _load(name: str) -> config.Recipe:
+    base = name.startswith("base/")
+    any_model = [f"model={next(iter(registry.models()))}"] if base else []  # replaced by _setting
+    length = [f"train.max_length={DEFAULT_LENGTH}", "train.gradient_checkpointing=true"] if base else []
+    return config.load(name, [*any_model, "distributed=none", "num_gpus=1", *length])
 
 
 def _shipped_recipes() -> dict[tuple[str, str], str]:
-    """(model, method) -> the shipped SFT recipe's name, so a recommendation can be run as is."""
+    """(model, method) -> the shipped SFT recipe to run it with: the one named after the method (`<model>_lora`),
+    else the first; so a recommendation can be run as is."""
     found: dict[tuple[str, str], str] = {}
     for row in listing.recipes():
-        if row["stage"] == "sft":
-            found.setdefault((row["model"], row["method"]), row["recipe"])
+        key = (row["model"], row["method"])
+        if row["stage"] == "sft" and (key not in found or row["recipe"].endswith(f"_{row['method']}")):
+            found[key] = row["recipe"]
     return found
 
 
@@ -72,10 +77,11 @@ def _candidates(lang: Optional[str], task: Optional[str]) -> list[ModelSpec]:
     return specs
 
 
-def _why(spec: ModelSpec, method: str, peak: int, load: int) -> str:
+def _why(spec: ModelSpec, recipe: config.Recipe, peak: int, load: int) -> str:
     variant = f" ({spec.variant.note})" if spec.variant.note else ""
-    return (f"{spec.family.display} {spec.model.size}{variant}: {spec.family.strengths}. {METHOD_NOTES[method]}; "
-            f"loading takes {load / GiB:.1f} GiB, training {peak / GiB:.1f} GiB at {DEFAULT_LENGTH} tokens. "
+    return (f"{spec.family.display} {spec.model.size}{variant}: {spec.family.strengths}. "
+            f"{METHOD_NOTES[recipe.method]}; loading takes {load / GiB:.1f} GiB, training {peak / GiB:.1f} GiB at "
+            f"{recipe.train.max_length} tokens × micro_batch {recipe.train.micro_batch}. "
             f"{spec.license}, commercial use: {spec.commercial_use}")
 
 
@@ -85,7 +91,8 @@ def recommend(gpu_mem_gib: float, lang: Optional[str], task: Optional[str]) -> l
     rows = []
     for spec in _candidates(lang, task):
         for method in METHODS:
-            memory = plan(_setting(spec, method), spec, num_gpus=1)
+            setting = _setting(spec, method, recipes.get((spec.name, method)))
+            memory = plan(setting, spec, num_gpus=1)
             if memory.peak_bytes > gpu_mem_gib * GiB:
                 continue
             load = sum(memory.phases["load"].values())
@@ -95,18 +102,20 @@ def recommend(gpu_mem_gib: float, lang: Optional[str], task: Optional[str]) -> l
                 "peak_bytes": memory.peak_bytes, "load_bytes": load,
                 "headroom_bytes": int(gpu_mem_gib * GiB) - memory.peak_bytes,
                 "languages": list(spec.family.languages), "license": spec.license,
-                "commercial_use": spec.commercial_use, "why": _why(spec, method, memory.peak_bytes, load),
+                "commercial_use": spec.commercial_use, "superseded_by": spec.model.superseded_by,
+                "max_length": setting.train.max_length, "micro_batch": setting.train.micro_batch,
+                "why": _why(spec, setting, memory.peak_bytes, load),
             })
-    rows.sort(key=lambda r: (-r["params"], METHODS.index(r["method"])))
+    rows.sort(key=lambda r: (r["superseded_by"] is not None, -r["params"], METHODS.index(r["method"])))
     return rows
 
 
 def render(rows: list[dict[str, Any]], gpu_mem_gib: float) -> RenderableType:
     if not rows:
-        return Text(f"nothing shipped fits {gpu_mem_gib:g} GiB at {DEFAULT_LENGTH} tokens, micro_batch 1; "
-                    f"try a shorter train.max_length with `finetune estimate`", style="bold yellow")
-    table = Table(title=f"fits in {gpu_mem_gib:g} GiB per GPU (micro_batch 1, {DEFAULT_LENGTH} tokens, "
-                        f"gradient checkpointing), best first", header_style="bold", show_lines=True)
+        return Text(f"nothing shipped fits {gpu_mem_gib:g} GiB as its recipe runs it; try a shorter "
+                    f"train.max_length or train.micro_batch=1 with `finetune estimate`", style="bold yellow")
+    table = Table(title=f"fits in {gpu_mem_gib:g} GiB per GPU, each as its recipe runs it (a dry run shows the same "
+                        f"peak), best first", header_style="bold", show_lines=True)
     for column in ("#", "run it with", "peak", "spare", "why"):
         table.add_column(column, overflow="fold")
     for i, r in enumerate(rows, 1):

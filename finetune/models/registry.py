@@ -42,6 +42,7 @@ class Model:
     license: Optional[str] = None  # default: the family's
     commercial_use: Optional[str] = None  # default: the family's
     tiny: bool = False  # built locally from config (tests, demo); never downloaded
+    superseded_by: Optional[str] = None  # the registry model that replaces it (recommended after the current ones)
 
     @property
     def default_variant(self) -> Variant:
@@ -160,7 +161,7 @@ FAMILIES: tuple[Family, ...] = (
             Model("qwen1_7b", "7B", "qwen1_7b.json", (
                 _v("chat", "Qwen/Qwen-7B-Chat", "qwen/Qwen-7B-Chat"),
                 _v("base", "Qwen/Qwen-7B", "qwen/Qwen-7B"),
-            )),
+            ), superseded_by="qwen2_5_7b"),
             Model("tiny_qwen1", "tiny", "tiny_qwen1.json", (_v("chat", "", None),), tiny=True),
         ),
     ),

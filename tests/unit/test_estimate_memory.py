@@ -197,8 +197,8 @@ def test_rendered_estimate_and_png_chart(tmp_path):
 def test_recommend_ranks_what_fits_and_offers_the_chinese_llama_for_chinese():
     rows = recommend.recommend(12, "zh", None)
     assert rows and all(r["peak_bytes"] <= 12 * GiB for r in rows)
-    order = [(-r["params"], recommend.METHODS.index(r["method"])) for r in rows]
-    assert order == sorted(order)  # bigger model first, then full > lora > qlora
+    order = [(bool(r["superseded_by"]), -r["params"], recommend.METHODS.index(r["method"])) for r in rows]
+    assert order == sorted(order)  # current models first, bigger model first, then full > lora > qlora
     found = {(r["model"], r["variant"], r["method"]) for r in rows}
     assert ("llama2_7b", "zh", "qlora") in found  # English-only Llama-2 comes in through its Chinese variant
     assert not any(r["model"] == "llama2_13b" for r in rows)
