@@ -179,7 +179,8 @@ def test_a_client_that_leaves_mid_stream_is_cancelled_and_frees_the_queue(client
     deadline = time.monotonic() + 30
     while health()["in_flight"] and time.monotonic() < deadline:
         time.sleep(0.2)
-    assert health() | {"models": None} == {"status": "ok", "in_flight": 0, "cancelled": before + 1, "models": None}
+    assert health() | {"models": None} == {"status": "ok", "in_flight": 0, "queued": 0, "cancelled": before + 1,
+                                           "refused": 0, "models": None}
     out = client.chat.completions.create(model=chat_run.path.name, messages=[user(ASK)], temperature=0)
     assert out.choices[0].message.content
 
