@@ -34,7 +34,7 @@ from rich.console import Console
 from rich.logging import RichHandler
 from rich.markup import escape
 
-from finetune import config, quiet
+from finetune import atomic, config, quiet
 from finetune.errors import UserError, did_you_mean
 
 out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
@@ -117,9 +117,9 @@ def cmd_estimate(args: list[str]) -> int:
 def _estimate(recipe: config.Recipe, *, as_json: bool, png: Optional[str], compare: bool) -> int:
     """The estimate on stdout; the dry run always sets it against the plain stack (`compare`)."""
     from finetune.estimate import gpu, report
-    from finetune.models import registry
+    from finetune.models import gguf_base
 
-    spec = registry.spec_for_estimate(recipe.model, recipe.variant)
+    spec = gguf_base.spec_for_estimate(recipe.model, recipe.variant)
     result = report.estimate_report(recipe, spec, gpu.detect(), gpu_mem=recipe.gpu_mem, compare=compare)
     if as_json:
         print(json.dumps(result, default=str))
@@ -187,15 +187,24 @@ def cmd_export(args: list[str]) -> int:
 
 def cmd_convert(args: list[str]) -> int:
     flags = _flags("convert", args, lambda p: (
-        p.add_argument("src", help="original checkpoint directory (ChatGLM3 / Baichuan2 / Qwen-1 layout)"),
+        p.add_argument("src", help="original checkpoint directory (ChatGLM3 / Baichuan2 / Qwen-1 layout) or a "
+                                   "GGUF file (Qwen2.5, Llama-2) to dequantize"),
         p.add_argument("dst", help="new directory for the native checkpoint (must not exist)"),
     ))
+    from finetune.models import gguf_base
     from finetune.models.convert import convert_checkpoint
 
     dst = Path(flags.dst)
     if dst.exists():
         raise UserError(f"{dst} already exists; converting never overwrites, choose a new directory")
-    converted = convert_checkpoint(Path(flags.src), dst, progress=True)
+    if gguf_base.is_gguf(flags.src):
+        base = gguf_base.read(Path(flags.src).expanduser().resolve())
+        with atomic.directory(dst) as tmp:
+            gguf_base.dequantize(base, tmp)
+        err.print(base.note)
+        converted = dst
+    else:
+        converted = convert_checkpoint(Path(flags.src), dst, progress=True)
     out.print(f"[bold green]converted[/] → {converted} (load it with AutoModelForCausalLM.from_pretrained, "
               f"no remote code)")
     return 0

@@ -185,8 +185,11 @@ FAMILIES: tuple[Family, ...] = (
                 _v("base", "Qwen/Qwen2.5-1.5B", "Qwen/Qwen2.5-1.5B", config_overrides={"eos_token_id": 151643}),
             )),
             Model("qwen2_5_0_5b", "0.5B", "qwen2_5_0_5b.json", (
-                _v("instruct", "Qwen/Qwen2.5-0.5B-Instruct", "Qwen/Qwen2.5-0.5B-Instruct"),
+                _v("instruct", "Qwen/Qwen2.5-0.5B-Instruct", "qwen/Qwen2.5-0.5B-Instruct"),
                 _v("base", "Qwen/Qwen2.5-0.5B", "Qwen/Qwen2.5-0.5B", config_overrides={"eos_token_id": 151643}),
+                # the same shape and config.json; trained further on code (the demo's model, as a packaged GGUF)
+                _v("coder_instruct", "Qwen/Qwen2.5-Coder-0.5B-Instruct", "qwen/Qwen2.5-Coder-0.5B-Instruct",
+                   note="Qwen2.5-Coder: further trained on code, still a general zh/en chat model"),
             )),
             Model("tiny_qwen2_5", "tiny", "tiny_qwen2_5.json", (_v("instruct", "", None),), tiny=True),
             # the demo's: weights 10x larger (initializer_range 0.2), so the frozen random lm_head can express a
