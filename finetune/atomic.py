@@ -85,6 +85,24 @@ def build_once(final: Path, build: Callable[[Path], Any], *, marker: str) -> Pat
     return final
 
 
+def link_or_copy(src: Path, dst: Path) -> Path:
+    """`dst` as a hard link to `src` when the filesystem allows (no second copy of a multi-GB file), else a copy
+    under a temporary name renamed when complete."""
+    dst = Path(dst)
+    try:
+        os.link(src, dst)
+    except OSError:
+        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".tmp-{dst.name}-")
+        os.close(fd)
+        try:
+            shutil.copy2(src, tmp)
+            os.replace(tmp, dst)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+    return dst
+
+
 def write_figure(path: Path, figure: Any, **savefig: Any) -> Path:
     """Save a matplotlib figure whole or not at all, and close it (charts are written once, at the end of a step)."""
     path = Path(path)

@@ -3,13 +3,16 @@
 Ollama ships no template for ChatGLM3 or Baichuan2 and guesses from GGUF metadata otherwise, which is how exported
 models end up answering in the wrong format and never stopping. So the Modelfile states everything:
 TEMPLATE (finetune.models.templates, tested token for token against our training ids through llama.cpp),
-PARAMETER stop for every stop string of the family, num_ctx = the training length, and the system prompt the
-run trained with (or the family's default). `Modelfile.adapter` is the same model as base GGUF + ADAPTER (the
-LoRA as GGUF), for users who keep one base and several adapters.
+PARAMETER stop for every stop string of the family, a num_ctx a conversation can use (context_length), and the
+system prompt the run trained with (or the family's default). The Modelfile runs a route that passed the export's
+verification: the merged GGUF, or the base GGUF + ADAPTER (the LoRA as GGUF, which keeps the fine-tune's delta
+exact where quantizing the merged weights rounded it away); `Modelfile.adapter` offers the pair as well, for users
+who keep one base and several adapters.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -55,28 +58,35 @@ def model_name(text: str) -> str:
     return re.sub(r"[^a-z0-9._-]+", "-", text.lower()).strip("-._") or "finetuned"
 
 
-def _place(src: Path, dst: Path) -> None:
-    """A hard link when the filesystem allows (no second copy of a multi-GB file), a copy otherwise."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copy2(src, dst)
-
-
 def write_dir(dst: Path, template: str, model_gguf: Path, *, num_ctx: int, system: Optional[str],
-              base_gguf: Optional[Path] = None, adapter_gguf: Optional[Path] = None) -> Path:
-    """dst/ with Modelfile (+ Modelfile.adapter when the un-merged pair is given) and the GGUF files, atomically."""
+              adapter_gguf: Optional[Path] = None, alternative: Optional[tuple[Path, Path]] = None) -> Path:
+    """dst/ with the GGUF files and a Modelfile running `model_gguf` (+ ADAPTER `adapter_gguf`), and
+    Modelfile.adapter running the (base, adapter) pair `alternative` when given; atomically."""
     with atomic.directory(dst, replace=True) as tmp:
-        _place(model_gguf, tmp / model_gguf.name)
-        atomic.write_text(tmp / "Modelfile",
-                          modelfile(template, f"./{model_gguf.name}", num_ctx=num_ctx, system=system))
-        if base_gguf and adapter_gguf:
-            _place(base_gguf, tmp / base_gguf.name)
-            _place(adapter_gguf, tmp / adapter_gguf.name)
-            atomic.write_text(tmp / "Modelfile.adapter",
-                              modelfile(template, f"./{base_gguf.name}", num_ctx=num_ctx, system=system,
-                                        adapter=f"./{adapter_gguf.name}"))
+        for path in filter(None, (model_gguf, adapter_gguf, *(alternative or ()))):
+            if not (tmp / path.name).exists():
+                atomic.link_or_copy(path, tmp / path.name)
+        atomic.write_text(tmp / "Modelfile", modelfile(
+            template, f"./{model_gguf.name}", num_ctx=num_ctx, system=system,
+            adapter=f"./{adapter_gguf.name}" if adapter_gguf else None))
+        if alternative:
+            base, adapter = alternative
+            atomic.write_text(tmp / "Modelfile.adapter", modelfile(
+                template, f"./{base.name}", num_ctx=num_ctx, system=system, adapter=f"./{adapter.name}"))
     return dst
+
+
+DEFAULT_CONTEXT = 4096
+
+
+def context_length(train_max_length: int, model_dir: Path) -> int:
+    """num_ctx for the Modelfile: a context a conversation can use — the larger of the training length and
+    DEFAULT_CONTEXT, capped by the model's own (max_position_embeddings / seq_length). Ollama's own default is
+    2048-4096 depending on version; a short training max_length (e.g. 128) would cut every real conversation."""
+    config = json.loads((Path(model_dir) / "config.json").read_text())
+    own = next((int(config[k]) for k in ("max_position_embeddings", "seq_length") if config.get(k)), None)
+    wanted = max(train_max_length, DEFAULT_CONTEXT)
+    return min(wanted, own) if own else wanted
 
 
 def create_command(name: str, directory: Path, modelfile_name: str = "Modelfile") -> str:

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from finetune import atomic, shipped
 from finetune.errors import UserError, did_you_mean
 from finetune.export import gguf as gguf_mod
 from finetune.export import merge as merge_mod
@@ -57,34 +58,45 @@ def _template(run: RunDir) -> str:
     return run.base()["template"]
 
 
-def samples(run: RunDir, merged: Path) -> list:
-    """Held-out sequences for verification: the run's eval split when it has one (and its data is still where
-    the recipe says), else fixed prompts in Chinese and English through the family's chat format."""
-    from transformers import AutoTokenizer
+TRAINED_PROMPTS = 8  # prompts from the training data the verification answers (evenly spread over it)
+TEXT_CHUNK = 256  # tokens per general-text chunk (a paragraph)
 
-    from finetune.export.verify import Sample
+
+def general_text(tokenizer) -> list[list[int]]:
+    """The shipped general text (Chinese and English paragraphs nobody trains on), one chunk per paragraph."""
+    paragraphs = [p.strip() for p in (shipped.SAMPLES / "general_zh_en.txt").read_text().split("\n\n") if p.strip()]
+    return [tokenizer(p, add_special_tokens=False)["input_ids"][:TEXT_CHUNK] for p in paragraphs]
+
+
+def trained_prompts(run: RunDir, tokenizer, template: str) -> list:
+    """Prompts the run trained on, each with its trained answer (label ids): where the fine-tune must show. When
+    the run's data is no longer where its recipe says, fixed Chinese and English prompts (no trained answers)."""
+    from finetune import data
+    from finetune.data.render import IGNORE
+    from finetune.export.verify import Prompt
     from finetune.models import templates
 
-    tokenizer, template, recipe = AutoTokenizer.from_pretrained(merged), _template(run), run.recipe()
-    if recipe.data.eval_path or recipe.data.val_size:
-        from finetune import data
-
-        try:
-            rows = data.build(recipe, tokenizer, template)["eval"]
-        except UserError:
-            rows = None
-        if rows is not None and len(rows):
-            out = []
-            for row in rows.select(range(min(4, len(rows)))):
-                ids, labels = row["input_ids"][:128], row["labels"][:128]
-                start = next((i for i, label in enumerate(labels) if label != -100), len(ids))
-                out.append(Sample(prompt=ids[:max(start, 1)], text=ids))
+    recipe = run.recipe()
+    try:
+        rows = data.build(recipe, tokenizer, template)["train"]
+    except UserError:
+        rows = None
+    if rows is not None and len(rows):
+        picked = sorted({round(i * (len(rows) - 1) / max(TRAINED_PROMPTS - 1, 1)) for i in range(TRAINED_PROMPTS)})
+        out = []
+        for row in rows.select(picked):
+            ids, labels = row["input_ids"], row["labels"]
+            start = next((i for i, label in enumerate(labels) if label != IGNORE), None)
+            if not start:
+                continue
+            end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE), len(labels))
+            out.append(Prompt(ids=ids[:start], answer=labels[start:end]))
+        if out:
             return out
     system = recipe.data.system_prompt or templates.default_system(template)
     head = [{"role": "system", "content": system}] if system else []
-    prompts = [templates.encode_prompt(template, tokenizer, head + [{"role": "user", "content": p}])
-               for p in PROMPTS]
-    return [Sample(prompt=ids, text=ids) for ids in prompts]
+    return [Prompt(templates.encode_prompt(template, tokenizer, head + [{"role": "user", "content": p}]))
+            for p in PROMPTS]
 
 
 def _merged(run: RunDir, force: bool) -> Path:
@@ -116,7 +128,11 @@ def _gguf(run: RunDir, merged: Path, quant: str, force: bool, result: ExportResu
         base = Path(run.base()["path"]).expanduser()
         if need("adapter-f16.gguf"):
             jobs.append(gguf_mod.lora_job(tools, run.adapter_dir, base, out / "adapter-f16.gguf"))
-        if need(base_out.name):
+        original = _original_gguf(base, quant)
+        if original is not None and need(base_out.name):
+            atomic.link_or_copy(original, base_out)
+            result.notes.append(f"{base_out.name} is the GGUF the run started from ({original}), unchanged")
+        elif need(base_out.name):
             jobs.append(gguf_mod.model_job(tools, base, base_src, quant if exact else "f16"))
     gguf_mod.run_jobs(tools, jobs)
     if not exact:
@@ -131,17 +147,70 @@ def _gguf(run: RunDir, merged: Path, quant: str, force: bool, result: ExportResu
     return result.files["model"]
 
 
-def _verify(run: RunDir, merged: Path, result: ExportResult, quant: str) -> None:
-    from finetune.export import verify
+def _routes(result: ExportResult, quant: str) -> list:
+    """Every way the export can be run: model-f16, the merged quant, and base + adapter for LoRA runs."""
+    from finetune.export.verify import Route
 
-    reference, sequences = verify.HFReference(merged), samples(run, merged)
-    files = {"f16": result.files["model-f16"], quant: result.files["model"]}
-    checks = [verify.compare(reference, path, kind, sequences) for kind, path in files.items()]
-    result.report = verify.report(checks, run.export_dir("gguf"), reference.dtype)
-    failed = [c.file for c in checks if not c.passed]
-    if failed:
-        raise UserError(f"verification failed for {', '.join(failed)}: the GGUF does not behave like the merged "
-                        f"model (see {result.report}); please report it with that file")
+    routes = [Route(result.files["model-f16"], "f16")]
+    if quant != "f16":
+        routes.append(Route(result.files["model"], quant))
+    if "adapter" in result.files:
+        routes.append(Route(result.files["base"], quant, adapter=result.files["adapter"]))
+    return routes
+
+
+def _original_gguf(base: Path, quant: str) -> Optional[Path]:
+    """The GGUF file a base was dequantized from, when it is still there and of the type asked for: the adapter
+    was trained on exactly its weights, so base + adapter needs no new conversion (and is what the user runs)."""
+    from finetune.models import gguf_base
+
+    source = gguf_base.source_of(base)
+    if source is None or source["file_type"].lower() != quant or not Path(source["file"]).is_file():
+        return None
+    return Path(source["file"])
+
+
+def _verify(run: RunDir, merged: Path, result: ExportResult, quant: str) -> dict:
+    """verify.md / verify.json for every route; {route file: passed}. A 16-bit file that fails means the
+    conversion is broken (a bug: refused); a quantized route that fails is reported, and the Modelfile avoids it."""
+    from transformers import AutoTokenizer
+
+    from finetune.export import verify
+    from finetune.models import templates
+
+    tokenizer, template = AutoTokenizer.from_pretrained(merged), _template(run)
+    reference = verify.Reference.build(
+        merged, Path(run.base()["path"]).expanduser(), general_text(tokenizer),
+        trained_prompts(run, tokenizer, template), templates.stop_token_ids(template, tokenizer))
+    checks = [verify.compare(reference, route) for route in _routes(result, quant)]
+    result.report = verify.report(checks, run.export_dir("gguf"), reference)
+    broken = [c for c in checks if c.quant in verify.EXACT_TYPES and not c.passed]
+    if broken:
+        raise UserError(f"verification failed for {broken[0].route}: the 16-bit GGUF does not behave like the merged "
+                        f"model ({'; '.join(broken[0].failures)}; see {result.report}); please report it with that "
+                        f"file")
+    for c in checks:
+        if not c.passed:
+            fix = (" — use quant=q8_0 or q6_k, or the base GGUF + f16 adapter (keeps the delta exact), or train a "
+                   "larger delta (train.lr, lora.r, more steps)") if c.lost_finetune else ""
+            result.notes.append(f"{c.route} FAILED verification: {'; '.join(c.failures)}{fix}")
+    return {c.route: c.passed for c in checks}
+
+
+def _ollama_routes(result: ExportResult, quant: str, passed: Optional[dict]) -> tuple[tuple, Optional[tuple]]:
+    """((model, adapter or None) for the Modelfile, (base, adapter) for Modelfile.adapter or None): routes that
+    passed verification (all, when it was skipped), the merged quant first; none passed is an error."""
+    merged = result.files["model"]
+    pair = (result.files["base"], result.files["adapter"]) if "adapter" in result.files else None
+    pair_ok = pair is not None and (passed is None or passed.get(f"{pair[0].name} + {pair[1].name}", False))
+    if passed is None or passed.get(merged.name):
+        return (merged, None), pair if pair_ok else None
+    if pair_ok:
+        result.notes.append(f"the Modelfile runs {pair[0].name} + {pair[1].name}: {merged.name} failed "
+                            f"verification (see {result.report})")
+        return pair, None
+    raise UserError(f"no {quant} GGUF route passed verification (see {result.report}): export with quant=q8_0 or "
+                    f"quant=f16, or train a larger delta (train.lr, lora.r, more steps)")
 
 
 @locked("export")  # one writer per run: two exports, or an export during training, never mix files
@@ -167,17 +236,17 @@ def export(run_dir: Path, to: str, *, quant: str = "q4_k_m", verify: bool = True
         return result
     if to == "merged":
         return result
-    model = _gguf(run, result.merged, quant, force, result)
-    if verify:
-        _verify(run, result.merged, result, quant)
+    _gguf(run, result.merged, quant, force, result)
+    passed = _verify(run, result.merged, result, quant) if verify else None
     if to == "gguf":
         result.commands.append(f"finetune export run={run.path} to=ollama quant={quant}   "
                                f"# adds a Modelfile with the exact training chat template")
         return result
+    (model, adapter), alternative = _ollama_routes(result, quant, passed)
     recipe, template = run.recipe(), _template(run)
     result.ollama = ollama_mod.write_dir(
-        run.export_dir("ollama"), template, model, num_ctx=recipe.train.max_length, system=recipe.data.system_prompt,
-        base_gguf=result.files.get("base"), adapter_gguf=result.files.get("adapter"))
+        run.export_dir("ollama"), template, model, adapter_gguf=adapter, alternative=alternative,
+        num_ctx=ollama_mod.context_length(recipe.train.max_length, result.merged), system=recipe.data.system_prompt)
     tag = name or ollama_mod.model_name(run.path.name)
     result.commands.append(ollama_mod.create_command(tag, result.ollama))
     if (result.ollama / "Modelfile.adapter").is_file():

@@ -135,7 +135,7 @@ def test_ollama_dir_is_complete_and_names_the_create_command(exported):
     source = re.search(r"^FROM \./(\S+)$", modelfile, re.M).group(1)
     assert (result.ollama / source).is_file()
     assert re.findall(r'^PARAMETER stop "(.*)"$', modelfile, re.M) == list(family.stop_tokens)
-    assert "PARAMETER num_ctx 512" in modelfile
+    assert "PARAMETER num_ctx 4096" in modelfile  # a usable context, not the training length
     adapter_file = (result.ollama / "Modelfile.adapter").read_text()
     assert re.search(r"^ADAPTER \./adapter-f16\.gguf$", adapter_file, re.M)
     assert f"ollama create {run.path.name} -f {result.ollama.resolve()}/Modelfile" in result.summary()
