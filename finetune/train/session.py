@@ -36,7 +36,7 @@ from finetune.engines import ENGINES
 from finetune.errors import UserError, WontFitError
 from finetune.estimate import gpu
 from finetune.estimate.report import estimate_report
-from finetune.models import hub, registry, templates
+from finetune.models import gguf_base, hub, registry, templates
 from finetune.models.hub import ResolvedModel
 from finetune.models.registry import ModelSpec
 from finetune.rundir import RunDir
@@ -85,8 +85,9 @@ def start(recipe: Recipe, *, force: bool, trust_remote_code: bool = False) -> Se
     started = time.monotonic()
     where = distributed.launch()
     distributed.check(recipe, where)
-    console = Console(stderr=True, highlight=False, quiet=not where.is_main)
-    spec = registry.spec(recipe.model, recipe.variant) if recipe.model in registry.models() else None
+    console = Console(stderr=True, highlight=False, quiet=not where.is_main, soft_wrap=True)  # paths copied whole
+    spec = gguf_base.read(Path(recipe.model).expanduser().resolve()).spec if gguf_base.is_gguf(recipe.model) \
+        else registry.spec(recipe.model, recipe.variant) if recipe.model in registry.models() else None
     estimate = on_main(where, lambda: check_fit(recipe, spec, where, force)) if spec else None
     with PartialState().local_main_process_first():  # one download/conversion per machine
         model = hub.resolve(recipe, progress=where.is_main)
