@@ -26,18 +26,23 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-LONGEST_FIRST = ("test_stages.py", "test_web.py", "test_export.py", "test_train.py", "test_resume.py",
+LONGEST_FIRST = ("test_real_lora.py", "test_real_qlora.py", "test_stages.py", "test_web.py", "test_export.py",
+                 "test_train.py", "test_resume.py",
                  "test_chat.py", "test_demo.py")
 """The test files that take longest (minutes each), started first so that pytest-xdist's workers finish together
 instead of one running the browser test alone at the end (scripts/test.sh keeps this order: --no-loadscope-reorder)."""
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    """Everything under tests/e2e runs the CLI or a whole pipeline in subprocesses: `-m "not e2e"` is the fast loop."""
-    e2e = REPO / "tests" / "e2e"
+    """Everything under tests/e2e and tests/real runs the CLI or a whole pipeline in subprocesses: `-m "not e2e"` is
+    the fast loop; tests/real is also `real` (`-m real` runs that tier alone)."""
+    e2e, real = REPO / "tests" / "e2e", REPO / "tests" / "real"
     for item in items:
-        if e2e in Path(item.path).parents:
+        parents = Path(item.path).parents
+        if e2e in parents or real in parents:
             item.add_marker(pytest.mark.e2e)
+        if real in parents:
+            item.add_marker(pytest.mark.real)
     rank = {name: i for i, name in enumerate(LONGEST_FIRST)}
     items.sort(key=lambda item: rank.get(Path(item.path).name, len(rank)))  # stable: the rest keep their order
 
