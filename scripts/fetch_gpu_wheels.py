@@ -12,7 +12,7 @@ bitsandbytes' manylinux wheel is 43.1 MB: it carries libraries for CUDA 11.8-13.
 (the default) it is rewritten with the CPU library and the CUDA 12.8/13.0/13.2 ones only (its RECORD rewritten to
 match), which leaves room in the 64 MiB. Sizes seen on 2026-12-06:
 
-    bitsandbytes-0.50.2 (manylinux_2_24)  43.14 MB full, 14.15 MB trimmed
+    bitsandbytes-0.50.2 (manylinux_2_24)  43.14 MB full, 13.96 MB trimmed
     trl-1.16.0                             0.95 MB
     liger_kernel-0.8.5                     0.91 MB
     datasets-5.2.0                         0.61 MB
@@ -21,7 +21,7 @@ match), which leaves room in the 64 MiB. Sizes seen on 2026-12-06:
     fsspec-2026.9.0                        0.22 MB
     multiprocess-0.70.19 (py312)           0.15 MB
     dill-0.4.1                             0.12 MB
-    total                                 ~17.8 MB trimmed (~46.8 MB untrimmed); the working tree is ~15 MiB
+    total                                 17.64 MB trimmed (46.8 MB untrimmed); the working tree is ~15 MiB
 
     .venv/bin/python scripts/fetch_gpu_wheels.py [--dest .gpu-wheels] [--no-trim]
 """
