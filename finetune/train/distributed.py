@@ -2,15 +2,19 @@
 
 The launcher (`accelerate launch`, `torchrun`, or plain `python` for one process) decides how many processes run;
 this module only reads what it set up and tells the Trainer which engine to use: DeepSpeed through the shipped
-JSON configs (recipes/deepspeed/), FSDP through transformers' `fsdp_config`, DDP by default whenever more than one
+JSON configs (recipes/deepspeed/), FSDP2 through transformers' `fsdp_config`, DDP by default whenever more than one
 process runs (zero3_offload brings its own optimizer, DeepSpeed's CPU AdamW: train.optimizer does not apply there).
-Without a GPU every process trains on CPU over gloo (ddp; zero2 was seen working too) — `use_cpu=True` is what
-makes the Trainer's accelerate state MULTI_CPU; without it each process would silently train alone.
+Without a GPU every engine trains on CPU over gloo, LoRA, QLoRA and full fine-tuning alike (2 processes: the same
+losses as DDP to 1e-7). Three things make that true, each a silent failure otherwise: `use_cpu=True` (or each process
+trains alone), DeepSpeed wrapping our process group before the model loads (`launch`), and the FSDP plugin that
+accelerate drops on CPU handed back (`engage`). Each rank reports the engine that actually ran (summary.json).
 """
 
 from __future__ import annotations
 
 import os
+import socket
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -68,12 +72,32 @@ class Launch:
             PartialState().wait_for_everyone()
 
 
-def launch() -> Launch:
-    """Join the process group the launcher prepared (a no-op for one process) and say where we stand."""
+def launch(recipe: Recipe) -> Launch:
+    """Join the process group the launcher prepared (a no-op for one process) and say where we stand.
+
+    DeepSpeed keeps its own view of the group: unless it wraps ours before the model is loaded, ZeRO-3's
+    `zero.Init` (transformers calls it inside from_pretrained) sees a world of one and asserts on the batch size."""
     use_cpu = not torch.cuda.is_available()
     state = PartialState(cpu=use_cpu)
+    if ENGINES[recipe.distributed].launcher == "deepspeed":
+        import deepspeed
+
+        if state.num_processes == 1:  # plain `python -m finetune`: a group of one on loopback, not MPI discovery
+            for key, value in {"MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port()), "RANK": "0",
+                               "LOCAL_RANK": "0", "WORLD_SIZE": "1"}.items():
+                os.environ.setdefault(key, value)
+        deepspeed.init_distributed(dist_backend="gloo" if use_cpu else None, verbose=False)
+        if use_cpu:  # its gloo path calls torch's renamed collectives every step: one warning per call otherwise
+            warnings.filterwarnings("ignore", message=r"`torch\.distributed\.(reduce_scatter|all_gather)_"
+                                    r"(tensor|into_tensor)` is deprecated", category=FutureWarning)
     return Launch(rank=state.process_index, world_size=state.num_processes,
                   local_rank=state.local_process_index, use_cpu=use_cpu)
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
 
 
 def _launcher_engine() -> str | None:
@@ -93,10 +117,11 @@ def check(recipe: Recipe, where: Launch) -> None:
                         f"distributed={recipe.distributed}; set distributed= to match "
                         f"(zero2|zero3|zero3_offload for deepspeed, fsdp) or launch with recipes/accelerate/"
                         f"multi_gpu.yaml")
-    if ENGINES[recipe.distributed].shards_weights and where.use_cpu:
-        raise UserError(f"distributed={recipe.distributed} shards the weights across CUDA GPUs (DeepSpeed's ZeRO-3 "
-                        f"init fails on CPU); on CPU use distributed=ddp or zero2 with `accelerate launch "
-                        f"--multi_gpu --num_processes N` or torchrun")
+    if ENGINES[recipe.distributed].launcher == "fsdp" and where.world_size == 1:
+        raise UserError("distributed=fsdp shards the model across processes, and this run is one process "
+                        "(transformers: \"Using fsdp only works in distributed training\"); launch several with "
+                        "`accelerate launch --multi_gpu --num_processes N -m finetune ...` (on CPU too) or torchrun, "
+                        "or train one process with distributed=none")
 
 
 def trainer_kwargs(recipe: Recipe, where: Launch) -> dict[str, Any]:
@@ -116,6 +141,23 @@ def trainer_kwargs(recipe: Recipe, where: Launch) -> dict[str, Any]:
     return kwargs
 
 
+def engage(recipe: Recipe, trainer: Any, where: Launch) -> None:
+    """Make the Trainer's accelerator run the engine the recipe names.
+
+    accelerate switches to FSDP only for GPU-like process groups: on CPU (MULTI_CPU over gloo) it drops the plugin
+    and silently trains plain DDP. torch's FSDP2 shards over gloo on CPU, so the plugin the Trainer built from
+    `fsdp_config` is handed back before the model is prepared."""
+    if ENGINES[recipe.distributed].launcher != "fsdp" or where.world_size == 1 or trainer.is_fsdp_enabled:
+        return
+    from accelerate.utils import DistributedType, FullyShardedDataParallelPlugin
+
+    state = trainer.accelerator.state
+    state.fsdp_plugin = FullyShardedDataParallelPlugin(**trainer.args.fsdp_plugin_args)
+    state.distributed_type = DistributedType.FSDP
+    PartialState().distributed_type = DistributedType.FSDP  # each AcceleratorState() copies it back from here
+    trainer.is_fsdp_enabled = True
+
+
 def deepspeed_config(name: Distributed) -> Path:
     """A shipped DeepSpeed JSON (recipes/deepspeed/); its "auto" values are filled from the recipe by the Trainer."""
     path = shipped.RECIPES / "deepspeed" / str(ENGINES[name].deepspeed_config)
@@ -127,4 +169,15 @@ def deepspeed_config(name: Distributed) -> Path:
 def rank_info(trainer: Any) -> dict[str, Any]:
     """What each rank reports about itself at the end (summary.json "ranks"): proof every process trained."""
     return {"rank": trainer.args.process_index, "pid": os.getpid(), "global_step": trainer.state.global_step,
-            "device": str(trainer.args.device)}
+            "device": str(trainer.args.device), "engine": engine_name(trainer.accelerator)}
+
+
+def engine_name(accelerator: Any) -> str:
+    """What actually ran, as accelerate set it up ("DEEPSPEED zero3", "FSDP2", "MULTI_CPU", "NO"): a run that asked
+    for an engine and silently got DDP shows it here."""
+    kind = accelerator.distributed_type.value
+    if kind == "DEEPSPEED":
+        return f"DEEPSPEED zero{accelerator.state.deepspeed_plugin.zero_stage}"
+    if kind == "FSDP":
+        return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
+    return kind

@@ -187,7 +187,8 @@ def announce(session: "Session") -> None:
 def announce_model(console: "Console", trainer: Any) -> None:
     """Trainable parameters (after TRL attached the adapter) and the data the trainer got."""
     params = list(trainer.model.parameters())
-    trainable, total = sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+    sizes = [(getattr(p, "ds_numel", p.numel()), p.requires_grad) for p in params]  # ZeRO-3: the loaded slice is empty
+    trainable, total = sum(n for n, grad in sizes if grad), sum(n for n, _ in sizes)
     held_out = f", {len(trainer.eval_dataset):,} held out" if trainer.eval_dataset is not None else ""
     console.print(f"[bold]train[/]   {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / max(total, 1):.2f}%), {len(trainer.train_dataset):,} training rows{held_out}")

@@ -83,7 +83,7 @@ class Session:
 def start(recipe: Recipe, *, force: bool, trust_remote_code: bool = False) -> Session:
     """Everything that can refuse a run happens here, before a single weight is read."""
     started = time.monotonic()
-    where = distributed.launch()
+    where = distributed.launch(recipe)
     distributed.check(recipe, where)
     console = Console(stderr=True, highlight=False, quiet=not where.is_main, soft_wrap=True)  # paths copied whole
     spec = gguf_base.read(Path(recipe.model).expanduser().resolve()).spec if gguf_base.is_gguf(recipe.model) \
@@ -217,14 +217,15 @@ def trainer_args(config_class: type, session: Session, *, has_eval: bool, **extr
         learning_rate=t.lr, lr_scheduler_type=t.scheduler, warmup_steps=t.warmup_ratio,
         num_train_epochs=t.epochs, max_steps=t.max_steps,
         per_device_train_batch_size=t.micro_batch, per_device_eval_batch_size=t.micro_batch,
-        gradient_accumulation_steps=t.grad_accum, gradient_checkpointing=t.gradient_checkpointing,
+        gradient_accumulation_steps=t.grad_accum,
         bf16=t.precision == "bf16", fp16=t.precision == "fp16",
         optim=OPTIMIZERS[t.optimizer], weight_decay=t.weight_decay, max_grad_norm=t.max_grad_norm,
         logging_steps=t.logging_steps, logging_first_step=True,
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps or t.save_steps,
         report_to=recipe.report_to, remove_unused_columns=False, neftune_noise_alpha=t.neftune_alpha,
-        **{**distributed.trainer_kwargs(recipe, session.launch), **extra})
+        **{"gradient_checkpointing": t.gradient_checkpointing,  # FSDP turns it off: it checkpoints itself
+           **distributed.trainer_kwargs(recipe, session.launch), **extra})
 
 
 def before_samples(session: Session, model: torch.nn.Module, tokenizer: Any, splits: Any) -> list[report.Sample]:
@@ -257,6 +258,7 @@ def _finish(session: Session, trainer: Any, samples: list[report.Sample]) -> Run
         trainer.add_callback(callback)
     trainer.remove_callback(ProgressCallback)
     trainer.add_callback(callbacks.Progress(session.estimate.get("peak_bytes")))
+    distributed.engage(session.recipe, trainer, where)
     report.announce_model(session.console, trainer)
     lora_plus(session, trainer)
     if converts_init(session.recipe) and where.is_main:
