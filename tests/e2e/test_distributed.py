@@ -138,7 +138,7 @@ def test_two_nodes_sharing_one_output_dir_train_zero2_together(train, root, ddp)
     assert all(close(loss, want[step]) for step, loss in step_losses(out).items())
 
 
-@pytest.mark.parametrize("engine", ["zero3", "fsdp"])
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
 def test_sharded_engine_trains_lora_resumes_and_matches_ddp(engine, train, ddp):
     """2 steps, then `resume=` to 4 from the step-2 checkpoint: DDP's losses, and an adapter that loads alone."""
     out, _ = train(f"{engine}-lora", *LORA, f"distributed={engine}", "train.max_steps=2")
