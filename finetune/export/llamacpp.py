@@ -22,6 +22,8 @@ import subprocess
 import sys
 import tarfile
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -122,11 +124,27 @@ def require_llama_cpp():
         import llama_cpp
     except ImportError as exc:
         raise UserError(f"llama-cpp-python is not installed ({exc}); run `{SETUP_COMMAND}` once (it builds the "
-                        f"pinned {VERSION} portably, ~5 min on 2 cores, and caches the wheel)") from exc
+                        f"pinned {VERSION} portably, 4–8 min on 2 cores, and caches the wheel)") from exc
     if llama_cpp.__version__ != VERSION:
         raise UserError(f"llama-cpp-python {llama_cpp.__version__} is installed, the toolkit is pinned to {VERSION}; "
                         f"run `{SETUP_COMMAND}`")
     return llama_cpp
+
+
+@contextmanager
+def native_notes_silenced() -> Iterator[None]:
+    """llama.cpp writes per-tensor notes straight to file descriptor 2 when a LoRA GGUF is applied ("lora for
+    'blk.N.ffn_down.weight' cannot use buft 'CPU_REPACK', fallback to CPU": the adapter's layers run unrepacked, as
+    intended), past `verbose=False`. A failure still raises in Python with its own message."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with open(os.devnull, "w") as null:
+            os.dup2(null.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def wheel_dir() -> Path:
@@ -142,7 +160,7 @@ def build_wheel() -> Path:
     if wheels:
         return wheels[0]
     sdist = ensure_sdist()
-    print(f"building llama-cpp-python {VERSION} ({CMAKE_ARGS}); this takes ~5 min on 2 cores, once", file=sys.stderr)
+    print(f"building llama-cpp-python {VERSION} ({CMAKE_ARGS}); this takes 4–8 min on 2 cores, once", file=sys.stderr)
     with atomic.directory(target, replace=True) as tmp, tempfile.TemporaryDirectory(dir=target.parent) as scratch:
         # the compiler's scratch files live in our cache: a /tmp cleaner mid-build fails it ("can't open ccX.s")
         env = {**os.environ, "CMAKE_ARGS": CMAKE_ARGS, "TMPDIR": scratch}

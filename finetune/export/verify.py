@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import difflib
 import math
-import os
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
@@ -33,7 +32,7 @@ import numpy as np
 import torch
 
 from finetune import atomic
-from finetune.export.llamacpp import require_llama_cpp
+from finetune.export.llamacpp import native_notes_silenced, require_llama_cpp
 
 EXACT_TYPES = ("f16", "bf16", "f32")
 TIE = 0.05  # reference logits closer than this are a tie at 16-bit precision (0.5B real model: f16 drift ≤ 0.03)
@@ -158,14 +157,17 @@ class HFModel:
 
 
 class GGUFModel:
-    """A route in llama.cpp with logits for every position (what Ollama would run)."""
+    """A route in llama.cpp with logits for every position (what Ollama would run). It uses torch's thread count
+    (OMP_NUM_THREADS where set): llama.cpp's workers spin while they wait, so more threads than the process may
+    use turn every other job on the machine, and this one, to a crawl."""
 
     def __init__(self, route: Route, n_ctx: int, stop_ids: list[int]):
         llama_cpp = require_llama_cpp()
         extra = {"lora_path": str(route.adapter)} if route.adapter else {}
         self.stop = set(stop_ids)
-        self.llm = llama_cpp.Llama(model_path=str(route.model), n_ctx=n_ctx, logits_all=True, verbose=False,
-                                   n_threads=os.cpu_count() or 1, n_batch=n_ctx, **extra)
+        with native_notes_silenced():
+            self.llm = llama_cpp.Llama(model_path=str(route.model), n_ctx=n_ctx, logits_all=True, verbose=False,
+                                       n_threads=torch.get_num_threads(), n_batch=n_ctx, **extra)
 
     def logits(self, ids: list[int]) -> np.ndarray:
         self.llm.reset()
