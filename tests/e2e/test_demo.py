@@ -1,5 +1,7 @@
-"""The demo (scripts/demo.py) end to end on its fastest setting: the tiny model learns its answers through the real
-CLI, and the GGUF the Ollama Modelfile names says them too, token for token."""
+"""The demo (scripts/demo.py) end to end in its tiny fallback (`--tiny`, what runs where the packaged real model
+cannot be fetched), fastest setting: the tiny model learns its answers through the real CLI, and the Ollama model
+(llama.cpp on the Modelfile's files) says them too. The real-model path is the `real` tier (tests/real), which
+trains, exports and asks the same way."""
 
 from __future__ import annotations
 
@@ -21,25 +23,27 @@ FASTEST = ("data.max_samples=2", "train.max_steps=16", "train.save_steps=16")
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
     run = tmp_path_factory.mktemp("demo") / "run"
-    done = subprocess.run([sys.executable, "scripts/demo.py", "--output-dir", str(run), "--json", *FASTEST],
-                          cwd=REPO, capture_output=True, text=True, timeout=600)
+    done = subprocess.run([sys.executable, "scripts/demo.py", "--tiny", "--output-dir", str(run), "--json",
+                           *FASTEST], cwd=REPO, capture_output=True, text=True, timeout=600)
     assert done.stdout.strip(), done.stderr[-4000:]
     return {"returncode": done.returncode, "stderr": done.stderr, **json.loads(done.stdout)}
 
 
 def test_demo_exits_zero_with_one_json_object_on_stdout(demo):
     assert demo["returncode"] == 0, demo["stderr"][-4000:]
+    assert demo["tiny"] is True
     assert [a["question"] for a in demo["answers"]] == ["你是谁？", "Who are you?"]
 
 
 def test_fine_tuned_model_gives_the_trained_answers_word_for_word(demo):
     for answer in demo["answers"]:
-        assert answer["after"] == answer["trained"] and answer["stopped"], answer
-        assert answer["before"] != answer["trained"]  # the untrained model did not know it already
+        assert answer["after"] == answer["expected"] and answer["stopped"] and answer["learned"], answer
+        assert answer["before"] != answer["expected"]  # the untrained model did not know it already
     assert demo["loss"]["last"] < demo["loss"]["first"] / 2
 
 
-def test_gguf_from_the_ollama_directory_answers_token_for_token_as_transformers(demo):
+def test_the_ollama_model_answers_as_the_fine_tuned_model(demo):
     for answer in demo["answers"]:
-        assert answer["gguf_ids"] == answer["after_ids"], answer
-    assert demo["gguf"].endswith(".gguf") and "/export/ollama/" in demo["gguf"]
+        assert answer["ollama"] == answer["after"] and answer["deployed"], answer
+    assert demo["modelfile"].endswith("/export/ollama/Modelfile")
+    assert [r["passed"] for r in demo["routes"]] == [True, True]  # model-f16.gguf; base-f16 + adapter-f16
