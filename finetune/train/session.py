@@ -278,7 +278,7 @@ def _finish(session: Session, trainer: Any, samples: list[report.Sample]) -> Run
                         "after")
     summary = {**report.summarize(session, trainer, result.metrics, peak.peak),
                "ranks": where.gather(distributed.rank_info(trainer)),
-               **({"trust_remote_code": True} if session.trust_remote_code else {})}
+               **({"trust_remote_code": session.trust_remote_code} if session.trust_remote_code else {})}
     if where.is_main:
         summary["weights"] = str(weights)
         atomic.write_json(run.summary_file, summary)

@@ -38,6 +38,9 @@ IDS = {
     ("qwen1_7b", "base"): ("Qwen/Qwen-7B", "qwen/Qwen-7B"),
     **{(f"qwen2_5_{size.lower().replace('.', '_')}", variant): (f"Qwen/Qwen2.5-{size}{suffix}",) * 2
        for size in ("7B", "3B", "1.5B", "0.5B") for variant, suffix in (("instruct", "-Instruct"), ("base", ""))},
+    # the 0.5B instruct models as their ModelScope pages spell them (lower-case org)
+    ("qwen2_5_0_5b", "instruct"): ("Qwen/Qwen2.5-0.5B-Instruct", "qwen/Qwen2.5-0.5B-Instruct"),
+    ("qwen2_5_0_5b", "coder_instruct"): ("Qwen/Qwen2.5-Coder-0.5B-Instruct", "qwen/Qwen2.5-Coder-0.5B-Instruct"),
     ("llama2_7b", "chat"): ("meta-llama/Llama-2-7b-chat-hf", "modelscope/Llama-2-7b-chat-ms"),
     ("llama2_7b", "base"): ("meta-llama/Llama-2-7b-hf", "modelscope/Llama-2-7b-ms"),
     ("llama2_7b", "zh"): ("hfl/chinese-llama-2-7b", "ChineseAlpacaGroup/chinese-llama-2-7b"),
