@@ -17,7 +17,7 @@ import torch
 
 from finetune import config, rundir
 from finetune.errors import UserError
-from finetune.export import gguf, pipeline
+from finetune.export import gguf, pipeline, verify
 from finetune.export import llamacpp
 from finetune.export.llamacpp import SETUP_COMMAND
 from finetune.models import registry, templates
@@ -55,7 +55,7 @@ def lora_model(run: rundir.RunDir, *, quantized: bool = False, seed: int = 0):
     with torch.no_grad():
         for name, param in peft_model.named_parameters():
             if "lora_B" in name:
-                param.copy_(torch.randn(param.shape, generator=gen) * 0.05)
+                param.copy_(torch.randn(param.shape, generator=gen) * 0.2)
     return peft_model
 
 
@@ -90,7 +90,7 @@ def test_f16_gguf_gives_hf_greedy_output_and_top1_everywhere(exported, llama_cpp
     f16 = next(c for c in routes if c["route"] == "model-f16.gguf")
     assert round(f16["top1_agreement"] * f16["positions"]) + f16["top1_ties"] == f16["positions"]
     assert f16["greedy_equal"] + f16["greedy_ties"] == f16["prompts"] == len(pipeline.PROMPTS)
-    assert f16["top1_agreement"] >= 0.9 and f16["max_abs_logit_diff"] < 0.02  # ties stay rare, and near-ties only
+    assert f16["top1_agreement"] >= 0.9 and f16["max_abs_logit_diff"] < verify.TIE  # ties stay rare, near-ties only
     assert len(routes) == 3  # f16, the merged q4_k_m and base + adapter, each verified
     assert f16["passed"] and any(c["passed"] for c in routes if c["quant"] == "q4_k_m")  # one the Modelfile can run
     assert "| f16 |" in result.report.read_text()
