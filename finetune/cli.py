@@ -198,7 +198,7 @@ def cmd_convert(args: list[str]) -> int:
     if dst.exists():
         raise UserError(f"{dst} already exists; converting never overwrites, choose a new directory")
     if gguf_base.is_gguf(flags.src):
-        base = gguf_base.read(Path(flags.src).expanduser().resolve())
+        base = gguf_base.named(flags.src)
         with atomic.directory(dst) as tmp:
             gguf_base.dequantize(base, tmp)
         err.print(base.note)

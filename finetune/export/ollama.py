@@ -13,7 +13,6 @@ who keep one base and several adapters.
 from __future__ import annotations
 
 import json
-import os
 import re
 import shutil
 import subprocess

@@ -106,7 +106,7 @@ def _merged(run: RunDir, force: bool) -> Path:
     return merge_mod.merge(run, dst)
 
 
-def _gguf(run: RunDir, merged: Path, quant: str, force: bool, result: ExportResult) -> Path:
+def _gguf(run: RunDir, merged: Path, quant: str, force: bool, result: ExportResult) -> None:
     """model-f16.gguf (the reference and quantization source) + model-<quant>.gguf; for LoRA runs also
     adapter-f16.gguf and base-<quant>.gguf (Modelfile.adapter). Conversions share one converter process."""
     out = run.export_dir("gguf")
@@ -144,7 +144,6 @@ def _gguf(run: RunDir, merged: Path, quant: str, force: bool, result: ExportResu
     result.files = {"model-f16": out / "model-f16.gguf", "model": out / f"model-{quant}.gguf"}
     if lora:
         result.files.update(adapter=out / "adapter-f16.gguf", base=base_out)
-    return result.files["model"]
 
 
 def _routes(result: ExportResult, quant: str) -> list:
@@ -200,15 +199,16 @@ def _verify(run: RunDir, merged: Path, result: ExportResult, quant: str) -> dict
 def _ollama_routes(result: ExportResult, quant: str, passed: Optional[dict]) -> tuple[tuple, Optional[tuple]]:
     """((model, adapter or None) for the Modelfile, (base, adapter) for Modelfile.adapter or None): routes that
     passed verification (all, when it was skipped), the merged quant first; none passed is an error."""
+    from finetune.export.verify import Route
+
     merged = result.files["model"]
-    pair = (result.files["base"], result.files["adapter"]) if "adapter" in result.files else None
-    pair_ok = pair is not None and (passed is None or passed.get(f"{pair[0].name} + {pair[1].name}", False))
+    pair = Route(result.files["base"], quant, adapter=result.files["adapter"]) if "adapter" in result.files else None
+    pair_ok = pair is not None and (passed is None or passed.get(pair.label, False))
     if passed is None or passed.get(merged.name):
-        return (merged, None), pair if pair_ok else None
+        return (merged, None), (pair.model, pair.adapter) if pair_ok else None
     if pair_ok:
-        result.notes.append(f"the Modelfile runs {pair[0].name} + {pair[1].name}: {merged.name} failed "
-                            f"verification (see {result.report})")
-        return pair, None
+        result.notes.append(f"the Modelfile runs {pair.label}: {merged.name} failed verification (see {result.report})")
+        return (pair.model, pair.adapter), None
     raise UserError(f"no {quant} GGUF route passed verification (see {result.report}): export with quant=q8_0 or "
                     f"quant=f16, or train a larger delta (train.lr, lora.r, more steps)")
 

@@ -137,9 +137,9 @@ def read(path: Path) -> GGUFBase:
     shape = (_field(reader, f"{arch}.embedding_length"), _field(reader, f"{arch}.block_count"), vocab)
     family = registry.family(rule.family)
     models = [m for m in family.models if not m.tiny]
-    match = next((m for m in models if _shape(registry.load_config(m.config_file)) == shape), None)
+    match = next((m for m in models if registry.config_shape(registry.load_config(m.config_file)) == shape), None)
     if match is None:
-        sizes = ", ".join(f"{m.size} {_shape(registry.load_config(m.config_file))[:2]}" for m in models)
+        sizes = ", ".join(f"{m.size} {registry.config_shape(registry.load_config(m.config_file))[:2]}" for m in models)
         raise UserError(f"model={path}: a {family.display} GGUF of hidden size {shape[0]} and {shape[1]} layers, "
                         f"which is no {family.display} size in the registry ({sizes}: hidden, layers)")
     name = str(_field(reader, "general.name", path.stem))
@@ -149,10 +149,6 @@ def read(path: Path) -> GGUFBase:
         variant = dataclasses.replace(variant, config_overrides={**variant.config_overrides,
                                                                  "tie_word_embeddings": tied})
     return GGUFBase(path, arch, _file_type(reader), name, ModelSpec(family, match, variant))
-
-
-def _shape(config: dict) -> tuple:
-    return config.get("hidden_size"), config.get("num_hidden_layers"), config.get("vocab_size")
 
 
 def check_tokenizer(base: GGUFBase, tokenizer) -> None:
@@ -239,13 +235,16 @@ def source_of(native: Path) -> Optional[dict]:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
+def named(name: str) -> GGUFBase:
+    """The GGUF a `model=` (or `convert SRC`) string names, read once per process whatever the spelling."""
+    return read(Path(name).expanduser().resolve())
+
+
 def spec_for_estimate(name: str, variant: Optional[str] = None) -> ModelSpec:
     """registry.spec_for_estimate, for a GGUF file too: its metadata names the registry model (no tensor is read)."""
-    if is_gguf(name):
-        return read(Path(name).expanduser().resolve()).spec
-    return registry.spec_for_estimate(name, variant)
+    return named(name).spec if is_gguf(name) else registry.spec_for_estimate(name, variant)
 
 
 def note_for(name: str) -> Optional[str]:
     """The dequantization note for `model=name` when it is a GGUF file, else None."""
-    return read(Path(name).expanduser().resolve()).note if is_gguf(name) else None
+    return named(name).note if is_gguf(name) else None

@@ -85,7 +85,7 @@ def resolve(recipe: Recipe, *, progress: bool = True) -> ResolvedModel:
 
 def _from_gguf(path: Path, variant: Optional[str]) -> ResolvedModel:
     """A GGUF file, dequantized once into the converted cache; its metadata names its variant, not the recipe."""
-    base = gguf_base.read(path.resolve())
+    base = gguf_base.named(str(path))
     if variant and variant != base.spec.variant.name:
         log.info("variant=%s ignored: %s is %s %s", variant, path.name, base.spec.name, base.spec.variant.name)
     native = gguf_base.native_dir(base)
@@ -105,7 +105,7 @@ def identify(config: dict) -> Optional[ModelSpec]:
         for variant in model.variants:
             spec = ModelSpec(fam, model, variant)
             same_kind = fam.name == family if family else spec.native_class in architectures
-            if not same_kind or _shape(spec.original_config) != _shape(config):
+            if not same_kind or registry.config_shape(spec.original_config) != registry.config_shape(config):
                 continue
             score = 1 + sum(config.get(key) == value for key, value in spec.original_config.items())
             best = max(best, (score, spec), key=lambda pair: pair[0])
@@ -127,12 +127,6 @@ def missing_parts(path: Path) -> Optional[str]:
                        f"({', '.join(missing[:3])})"
         return None
     return "no weights (*.safetensors or *.bin) next to config.json"
-
-
-def _shape(config: dict) -> tuple:
-    """Hidden size, layers, vocabulary: named alike in every layout we know but ChatGLM's original one."""
-    return (config.get("hidden_size"), config.get("num_hidden_layers", config.get("num_layers")),
-            config.get("vocab_size", config.get("padded_vocab_size")))
 
 
 def _with_variant(spec: Optional[ModelSpec], variant: Optional[str], source: str) -> Optional[ModelSpec]:

@@ -220,6 +220,13 @@ FAMILIES: tuple[Family, ...] = (
 )
 
 
+def config_shape(config: dict) -> tuple:
+    """Hidden size, layers, vocabulary: what tells one model size from another, named alike in every layout we know
+    but ChatGLM's original one (num_layers, padded_vocab_size)."""
+    return (config.get("hidden_size"), config.get("num_hidden_layers", config.get("num_layers")),
+            config.get("vocab_size", config.get("padded_vocab_size")))
+
+
 @cache
 def models() -> dict[str, tuple[Family, Model]]:
     return {m.name: (f, m) for f in FAMILIES for m in f.models}

@@ -86,7 +86,7 @@ def start(recipe: Recipe, *, force: bool, trust_remote_code: bool = False) -> Se
     where = distributed.launch(recipe)
     distributed.check(recipe, where)
     console = Console(stderr=True, highlight=False, quiet=not where.is_main, soft_wrap=True)  # paths copied whole
-    spec = gguf_base.read(Path(recipe.model).expanduser().resolve()).spec if gguf_base.is_gguf(recipe.model) \
+    spec = gguf_base.named(recipe.model).spec if gguf_base.is_gguf(recipe.model) \
         else registry.spec(recipe.model, recipe.variant) if recipe.model in registry.models() else None
     estimate = on_main(where, lambda: check_fit(recipe, spec, where, force)) if spec else None
     with PartialState().local_main_process_first():  # one download/conversion per machine
