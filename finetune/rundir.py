@@ -105,9 +105,18 @@ class RunDir:
         return (self.model_dir / "config.json").is_file()
 
     def last_checkpoint(self) -> Optional[Path]:
-        """The newest complete `checkpoint-N` (trainer_state.json is written last by the Trainer)."""
-        done = [p for p in self.checkpoints_dir.glob("checkpoint-*") if (p / "trainer_state.json").is_file()]
+        """The newest complete `checkpoint-N`. The Trainer writes trainer_state.json last, in place: a run killed
+        while writing it leaves the file empty or cut short, so a checkpoint counts only when that file parses."""
+        done = [p for p in self.checkpoints_dir.glob("checkpoint-*") if _state_is_whole(p / "trainer_state.json")]
         return max(done, key=lambda p: int(p.name.split("-")[-1]), default=None)
+
+
+def _state_is_whole(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+    except (OSError, ValueError):
+        return False
+    return True
 
 
 def default_output_dir(recipe: Recipe, now: Optional[datetime] = None) -> Path:

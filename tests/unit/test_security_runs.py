@@ -77,6 +77,16 @@ def test_a_run_locked_by_someone_else_is_not_replaced(tmp_path):
     assert old.recipe_file.is_file() and [p.name for p in tmp_path.iterdir()] == ["run"]
 
 
+def test_a_checkpoint_cut_short_while_saving_is_not_resumed_from(tmp_path):
+    """kill -9 while the Trainer writes trainer_state.json (in place, last) leaves it empty: resume takes the one
+    before it."""
+    run = rundir.RunDir(tmp_path)
+    for step, state in ((2, '{"global_step": 2}'), (4, ""), (6, '{"global_st')):
+        (run.checkpoints_dir / f"checkpoint-{step}").mkdir(parents=True)
+        (run.checkpoints_dir / f"checkpoint-{step}" / "trainer_state.json").write_text(state)
+    assert run.last_checkpoint() == run.checkpoints_dir / "checkpoint-2"
+
+
 @pytest.mark.parametrize("entry, fragment", [
     ({"file_name": "../secret.jsonl"}, "leads outside"),
     ({"file_name": "/etc/passwd"}, "leads outside"),
