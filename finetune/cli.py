@@ -213,8 +213,9 @@ def cmd_convert(args: list[str]) -> int:
 def cmd_list(args: list[str]) -> int:
     flags = _flags("list", args, lambda p: p.add_argument("what", choices=["recipes", "models"]), _json_flag)
     from finetune import listing
+    from finetune.estimate import recommend
 
-    rows = listing.recipes() if flags.what == "recipes" else listing.models()
+    rows = listing.recipes() if flags.what == "recipes" else recommend.models_table()
     if flags.json:
         print(json.dumps(rows, default=str, ensure_ascii=False))
     else:
@@ -308,9 +309,9 @@ def cmd_eval(args: list[str]) -> int:
 def cmd_web(args: list[str]) -> int:
     pairs, rest = _split(args)
     _flags("web", rest)
-    from finetune import web
+    from finetune.web import app
 
-    return web.serve(config.parse_options(web.WebOptions, pairs, "web"))
+    return app.serve(config.parse_options(app.WebOptions, pairs, "web"))
 
 
 COMMANDS: dict[str, Callable[[list[str]], int]] = {

@@ -12,6 +12,9 @@
     <run>/export/{merged,gguf,ollama,awq}/
     <run>/.lock              held (fcntl.flock) by the process training, resuming or exporting it
 
+The JSON files are read here only, as the typed records of finetune.runfiles (RunBase, RunSummary, RunEstimate;
+metrics rows stay dicts: their keys are whatever the Trainer logs), so a reader never picks keys out of a dict.
+
 One writer at a time: train, resume and export take the run's advisory lock, so a second one (a page and a terminal,
 two terminals) is refused with the pid that holds it instead of both writing the same files. The kernel drops the
 lock when its process ends, however it ends, so a killed run never leaves it stuck.
@@ -35,6 +38,7 @@ from typing import IO, Any, Optional, TypeVar
 from finetune import atomic
 from finetune.config import Recipe, from_yaml_file, to_yaml
 from finetune.errors import UserError
+from finetune.runfiles import RunBase, RunEstimate, RunSummary, read_metrics
 
 EXPORT_TARGETS = ("merged", "gguf", "ollama", "awq")
 
@@ -87,14 +91,28 @@ class RunDir:
     def recipe(self) -> Recipe:
         return from_yaml_file(self.recipe_file)
 
-    def base(self) -> dict[str, Any]:
-        """What `write_base` recorded; a run trained before this key existed gets a clear error, not a KeyError."""
+    def base(self) -> RunBase:
+        """What `write_base` recorded; a run without it gets a clear error, not a FileNotFoundError."""
         if not self.base_file.is_file():
             raise UserError(f"{self.path}: no base.json — this run did not finish setting up its base model")
-        return json.loads(self.base_file.read_text())
+        return RunBase.read(self.base_file)
 
-    def write_base(self, info: dict[str, Any]) -> None:
-        atomic.write_json(self.base_file, info)
+    def write_base(self, base: RunBase) -> None:
+        atomic.write_json(self.base_file, base.to_json())
+
+    def summary(self) -> Optional[RunSummary]:
+        """The finished run's figures; None while it trains, or when it stopped before the end."""
+        return RunSummary.read(self.summary_file) if self.summary_file.is_file() else None
+
+    def write_summary(self, summary: RunSummary) -> None:
+        atomic.write_json(self.summary_file, summary.to_json())
+
+    def estimate(self) -> Optional[RunEstimate]:
+        """The verdict training started under; None before it was made."""
+        return RunEstimate.read(self.estimate_file) if self.estimate_file.is_file() else None
+
+    def metrics(self) -> list[dict[str, Any]]:
+        return read_metrics(self.metrics_file)
 
     @property
     def has_adapter(self) -> bool:

@@ -6,7 +6,7 @@
     report.py      results.json, predictions.jsonl, scores.png, the table, the report.md section
     options.py     the command's key=value options
 
-Loading is finetune.infer's (`load.resolve` + `load.load`): the same weights, chat format, system prompt and stop
+Loading is finetune.infer's (`load.resolve` + `backends.load`): the same weights, chat format, system prompt and stop
 tokens as `finetune chat`, so an answer scored here is the answer chat gives. Everything is read and checked before
 the model is loaded, and the results appear at once (a temporary directory renamed into place): a run's
 `<run>/eval/` (`<run>/eval-base/` for base=true), or output_dir= for model=; an existing one is replaced only with
@@ -58,7 +58,7 @@ def _source(options: EvalOptions, run: Any) -> Any:
 
     source = load.resolve(options)
     if options.base:  # the weights the run started from, in the run's chat format
-        weights = Path(run.base()["path"]).expanduser()
+        weights = run.base().directory
         if not (weights / "config.json").is_file():
             raise UserError(f"the run's base model {weights} (base.json 'path') is gone; restore it to score it")
         source = replace(source, name=f"{source.name} (base)", weights=weights, adapters={}, serve_base=True)
@@ -85,13 +85,13 @@ def run(options: EvalOptions, out: "Console", err: "Console") -> int:
     bench = choice.read(options.eval) if benchmark else None
     source = source or _source(options, None)  # model= may download: only after every file was checked
 
-    from finetune.infer import load, memory
+    from finetune.infer import backends, memory
 
     label = source.name if source.run or not source.adapters else f"{source.name} + {', '.join(source.adapters)}"
     err.print(f"[bold]eval[/]    {label} — {source.weights}"
               f"{' + ' + ', '.join(map(str, source.adapters.values())) if source.adapters else ''}")
     err.print(memory.describe(source, options))
-    engine = load.load(source, options)
+    engine = backends.load(source, options)
     results: dict[str, Any] = {"model": label, "base": options.base, "template": source.template,
                                "weights": str(source.weights),
                                "adapters": {k: str(v) for k, v in source.adapters.items()},

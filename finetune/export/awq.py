@@ -57,7 +57,7 @@ def calibration(run: RunDir, tokenizer, samples: int, max_len: int):
 
     from finetune import data
 
-    rows = data.build(run.recipe(), tokenizer, run.base()["template"])["train"]
+    rows = data.build(run.recipe(), tokenizer, run.base().template)["train"]
     rows = rows.select(range(min(samples, len(rows))))
     ids = [r[:max_len] for r in rows["input_ids"]]
     return Dataset.from_dict({"input_ids": ids, "attention_mask": [[1] * len(r) for r in ids]})
@@ -126,7 +126,7 @@ def serve_commands(run: RunDir, awq_dir: Path) -> list[str]:
     recipe = run.recipe()
     lines = [f"vllm serve {awq_dir.resolve()} --max-model-len {recipe.train.max_length}"]
     if run.has_adapter:
-        base = Path(run.base()["path"]).expanduser().resolve()
+        base = run.base().directory.resolve()
         rank = next((r for r in VLLM_LORA_RANKS if r >= recipe.lora.r), VLLM_LORA_RANKS[-1])
         lines.append(f"vllm serve {base} --enable-lora --max-lora-rank {rank} "
                      f"--lora-modules finetuned={run.adapter_dir.resolve()} --max-model-len {recipe.train.max_length}")

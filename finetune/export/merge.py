@@ -108,7 +108,7 @@ def merge(run: RunDir, dst: Path) -> Path:
     recipe = run.recipe()
     if run.has_adapter:
         info = run.base()
-        base_dir = Path(info["path"]).expanduser()
+        base_dir = info.directory
         if not (base_dir / "config.json").is_file():
             raise UserError(f"the run's base model {base_dir} (base.json 'path') is gone; restore it or edit "
                             f"{run.base_file}")
@@ -116,7 +116,7 @@ def merge(run: RunDir, dst: Path) -> Path:
         if "quantization_config" in config:
             raise UserError(f"{base_dir} holds quantized weights; merging needs the 16-bit base the adapter was "
                             f"trained on (base.json 'path' must point at the un-quantized native checkpoint)")
-        check_adapter(run.adapter_dir, base_dir, info.get("model", "?"))
+        check_adapter(run.adapter_dir, base_dir, info.model or "?")
         source, tokenizer_dirs = base_dir, [run.adapter_dir, base_dir]
     elif run.has_full_model:
         source, tokenizer_dirs = run.model_dir, [run.model_dir]

@@ -55,7 +55,7 @@ class ExportResult:
 
 
 def _template(run: RunDir) -> str:
-    return run.base()["template"]
+    return run.base().template
 
 
 TRAINED_PROMPTS = 8  # prompts from the training data the verification answers (evenly spread over it)
@@ -72,9 +72,9 @@ def trained_prompts(run: RunDir, tokenizer, template: str) -> list:
     """Prompts the run trained on, each with its trained answer (label ids): where the fine-tune must show. When
     the run's data is no longer where its recipe says, fixed Chinese and English prompts (no trained answers)."""
     from finetune import data
-    from finetune.data.render import IGNORE
     from finetune.export.verify import Prompt
-    from finetune.models import templates
+    from finetune.models import chat
+    from finetune.models.chat.labels import IGNORE
 
     recipe = run.recipe()
     try:
@@ -93,9 +93,10 @@ def trained_prompts(run: RunDir, tokenizer, template: str) -> list:
             out.append(Prompt(ids=ids[:start], answer=labels[start:end]))
         if out:
             return out
-    system = recipe.data.system_prompt or templates.default_system(template)
+    fmt = chat.get(template)
+    system = recipe.data.system_prompt or fmt.default_system
     head = [{"role": "system", "content": system}] if system else []
-    return [Prompt(templates.encode_prompt(template, tokenizer, head + [{"role": "user", "content": p}]))
+    return [Prompt(fmt.encode_prompt(tokenizer, head + [{"role": "user", "content": p}]))
             for p in PROMPTS]
 
 
@@ -125,7 +126,7 @@ def _gguf(run: RunDir, merged: Path, quant: str, force: bool, result: ExportResu
     base_out = out / f"base-{quant}.gguf"
     base_src = base_out if exact else out / f".base-{quant}-source-f16.gguf"
     if lora:
-        base = Path(run.base()["path"]).expanduser()
+        base = run.base().directory
         if need("adapter-f16.gguf"):
             jobs.append(gguf_mod.lora_job(tools, run.adapter_dir, base, out / "adapter-f16.gguf"))
         original = _original_gguf(base, quant)
@@ -175,12 +176,12 @@ def _verify(run: RunDir, merged: Path, result: ExportResult, quant: str) -> dict
     from transformers import AutoTokenizer
 
     from finetune.export import verify
-    from finetune.models import templates
+    from finetune.models import chat
 
     tokenizer, template = AutoTokenizer.from_pretrained(merged), _template(run)
     reference = verify.Reference.build(
-        merged, Path(run.base()["path"]).expanduser(), general_text(tokenizer),
-        trained_prompts(run, tokenizer, template), templates.stop_token_ids(template, tokenizer))
+        merged, run.base().directory, general_text(tokenizer),
+        trained_prompts(run, tokenizer, template), chat.get(template).stop_token_ids(tokenizer))
     checks = [verify.compare(reference, route) for route in _routes(result, quant)]
     result.report = verify.report(checks, run.export_dir("gguf"), reference)
     broken = [c for c in checks if c.quant in verify.EXACT_TYPES and not c.passed]

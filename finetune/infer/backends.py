@@ -1,4 +1,5 @@
-"""The three ways to run a model, each reduced to one generator: prompt ids in, generated ids out.
+"""The three ways to run a model, each reduced to one generator: prompt ids in, generated ids out; `load` puts the
+one `backend=` names under an Engine.
 
 - transformers (+ PEFT): the default, works on a CPU. Several adapters sit on one base (PEFT's named adapters);
   each request selects its own (`set_adapter`), or the bare base (`disable_adapter`). Callers run one generation
@@ -22,8 +23,11 @@ from typing import Any, Optional
 import torch
 
 from finetune.errors import UserError
-from finetune.infer.generate import Sampling
-from finetune.infer.load import Source
+from finetune.export.llamacpp import require_llama_cpp
+from finetune.infer.generate import Engine, Sampling
+from finetune.infer.load import Source, device_and_dtype
+from finetune.infer.options import LoadOptions
+from finetune.models import chat
 
 CONTEXT_KEYS = ("max_position_embeddings", "seq_length", "model_max_length", "n_positions")
 GGUF_MAX_CONTEXT = 8192
@@ -36,8 +40,6 @@ def gguf_trained_context(path: Path) -> Optional[int]:
     vocab-only load with no context. A vocab-only `Llama` also creates a 512-token context, and llama.cpp warns that
     it overflows a trained context of 0 (a vocab-only load reads no hyperparameters). `_internals.LlamaModel` is the
     model half of `Llama` (quiet with verbose=False, as `Llama` is), stable here: the build is pinned."""
-    from finetune.export.llamacpp import require_llama_cpp
-
     llama_cpp = require_llama_cpp()
     params = llama_cpp.llama_model_default_params()
     params.vocab_only = True
@@ -137,8 +139,6 @@ def gguf_file(source: Source, quant: Optional[str]) -> Path:
 
 class GGUFBackend:
     def __init__(self, source: Source, quant: Optional[str]):
-        from finetune.export.llamacpp import require_llama_cpp
-
         self.path = gguf_file(source, quant)
         if any(path != source.run.adapter_dir for path in source.adapters.values()):  # type: ignore[union-attr]
             raise UserError("backend=gguf runs one merged GGUF; adapters= needs backend=transformers (or vllm)")
@@ -180,3 +180,18 @@ class VLLMBackend:
         out = self.llm.generate({"prompt_token_ids": prompt}, params, lora_request=self.loras.get(model),
                                 use_tqdm=False)
         yield from out[0].outputs[0].token_ids
+
+
+def load(source: Source, options: LoadOptions) -> Engine:
+    """The Engine for `source` on the chosen backend (its memory need printed by the caller first)."""
+    from transformers import AutoTokenizer  # (seconds of imports: only once something is loaded)
+
+    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
+    backend: Any
+    if options.backend == "gguf":
+        backend = GGUFBackend(source, options.quant)
+    elif options.backend == "vllm":
+        backend = VLLMBackend(source, options.dtype, chat.get(source.template).stop_token_ids(tokenizer))
+    else:
+        backend = TransformersBackend(source, *device_and_dtype(options))
+    return Engine(backend, tokenizer, source.template, source.models, system=source.system)

@@ -81,7 +81,9 @@ def _read(interactive: bool) -> Optional[str]:
 def run(options: ChatOptions, err: "Console") -> int:
     source = load.resolve(options)
     err.print(memory.describe(source, options), markup=False)
-    engine = load.load(source, options)
+    from finetune.infer import backends  # (torch: only after the checks above, which need none)
+
+    engine = backends.load(source, options)
     sampling = Sampling(options.temperature, options.top_p, options.max_tokens, seed=options.seed)
     chat = Chat(engine, sampling, options.system)
     if options.prompt is not None:

@@ -1,9 +1,9 @@
-"""What `run=` / `model=` / `adapter(s)=` name, resolved to weights, tokenizer and chat format, then loaded.
+"""What `run=` / `model=` / `adapter(s)=` name, resolved to weights, tokenizer and chat format: a Source.
 
 `resolve` reads only small files (base.json, recipe.yaml, adapter_config.json, config.json) and checks every adapter
 against its base (export.merge.check_adapter) before any weight is read, so a wrong path or an adapter for
-another base is one clear error, not a shape traceback after a long load. `load` builds the backend and the
-Engine: the same object the chat, the server and evaluation use.
+another base is one clear error, not a shape traceback after a long load. `backends.load` then builds the backend
+and the Engine from the Source: the same object the chat, the server and evaluation use.
 
 A run is served under its directory's name; `adapters=name:path,...` adds adapters on the same base (a path may
 be an adapter directory, a trainer checkpoint or a run directory), each its own model; `model=` alone (or with
@@ -16,14 +16,13 @@ import importlib.util
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Optional, get_args
+from typing import Any, Optional, get_args
 
+from finetune import config
 from finetune.errors import UserError, did_you_mean
+from finetune.export.llamacpp import require_llama_cpp
 from finetune.infer.options import Backend, LoadOptions
 from finetune.rundir import RunDir, is_run, open_run
-
-if TYPE_CHECKING:
-    from finetune.infer.generate import Engine
 
 BACKENDS = get_args(Backend)
 _NAME = re.compile(r"\w[\w.-]*")  # letters (any script), digits, _ . -
@@ -36,7 +35,7 @@ class Source:
     name: str  # the model id of the run or model itself
     weights: Path  # native-layout checkpoint: the base under the adapters, or a run's full weights
     tokenizer: Path  # directory holding the tokenizer (what training saved beside the adapter wins)
-    template: str  # chat format (finetune.models.templates)
+    template: str  # chat format (finetune.models.chat)
     adapters: dict[str, Path] = field(default_factory=dict)  # served name -> PEFT adapter directory
     serve_base: bool = True  # the bare weights are a model of their own (not for a LoRA run: its adapter is)
     system: Optional[str] = None  # the run's data.system_prompt (None: the family's default)
@@ -87,10 +86,10 @@ def _from_run(options: LoadOptions, extra: dict[str, Path]) -> Source:
     run = open_run(options.run)  # type: ignore[arg-type]
     info, recipe = run.base(), run.recipe()
     name = getattr(options, "name", None) or run.path.name
-    common = dict(template=info["template"], system=recipe.data.system_prompt, registry_name=info.get("model"),
+    common = dict(template=info.template, system=recipe.data.system_prompt, registry_name=info.model,
                   run=run)
     if run.has_adapter:
-        base = Path(info["path"]).expanduser()
+        base = info.directory
         if not (base / "config.json").is_file():
             raise UserError(f"the run's base model {base} (base.json 'path') is gone; restore it or edit "
                             f"{run.base_file}")
@@ -102,8 +101,7 @@ def _from_run(options: LoadOptions, extra: dict[str, Path]) -> Source:
 
 
 def _from_model(options: LoadOptions, extra: dict[str, Path]) -> Source:
-    from finetune import config
-    from finetune.models import hub
+    from finetune.models import hub  # (huggingface_hub, transformers and torch: seconds, only for model=)
 
     resolved = hub.resolve(config.load(None, [f"model={options.model}"]))
     if resolved.spec is None:
@@ -127,8 +125,6 @@ def resolve(options: LoadOptions) -> Source:
         raise UserError("backend=vllm needs vLLM, which is not installed here; `pip install vllm` on a Linux machine "
                         "with a CUDA GPU, or use backend=transformers / backend=gguf")
     if options.backend == "gguf":
-        from finetune.export.llamacpp import require_llama_cpp
-
         require_llama_cpp()
     if not options.run and not options.model:
         raise UserError("say what to load: run=outputs/<run> (a training run) or model=NAME [adapter=DIR]")
@@ -158,20 +154,3 @@ def device_and_dtype(options: LoadOptions) -> tuple[str, Any]:
         gpu = device.startswith("cuda")
         return device, (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if gpu else torch.float32
     return device, {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[options.dtype]
-
-
-def load(source: Source, options: LoadOptions) -> "Engine":
-    """The Engine for `source` on the chosen backend (its memory need printed by the caller first)."""
-    from transformers import AutoTokenizer
-
-    from finetune.infer import backends, generate
-    from finetune.models import templates
-
-    tokenizer = AutoTokenizer.from_pretrained(source.tokenizer)
-    if options.backend == "gguf":
-        backend = backends.GGUFBackend(source, options.quant)
-    elif options.backend == "vllm":
-        backend = backends.VLLMBackend(source, options.dtype, templates.stop_token_ids(source.template, tokenizer))
-    else:
-        backend = backends.TransformersBackend(source, *device_and_dtype(options))
-    return generate.Engine(backend, tokenizer, source.template, source.models, system=source.system)

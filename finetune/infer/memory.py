@@ -12,16 +12,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Optional
 
+from finetune import config
+from finetune.estimate import gpu, params
 from finetune.estimate.gpu import GiB
+from finetune.models import registry
 from finetune.infer.load import Source, device_and_dtype
 from finetune.infer.options import LoadOptions
 
 
 def _facts(source: Source):
-    from finetune import config
-    from finetune.estimate import params
-    from finetune.models import registry
-
     name = source.registry_name
     spec = registry.known_spec(name or "")
     if spec is None:
@@ -37,7 +36,7 @@ def plan(source: Source, options: LoadOptions) -> tuple[dict[str, int], str, int
     """({term: bytes}, where it runs: "cpu" or a CUDA device, context tokens the KV term is for)."""
     facts, context = _facts(source)
     if options.backend == "gguf":
-        from finetune.infer.backends import gguf_file, gguf_window
+        from finetune.infer.backends import gguf_file, gguf_window  # (torch: only for backend=gguf)
 
         path = gguf_file(source, options.quant)
         weights, weight_bytes, kv_bytes, where, context = _size(path), None, 2, "cpu", gguf_window(path)
@@ -71,7 +70,7 @@ def _window_note(source: Source, options: LoadOptions, context: int) -> str:
     cache as a conversation does): llama.cpp reserves its whole window at load."""
     if options.backend != "gguf":
         return ""
-    from finetune.infer.backends import gguf_file, gguf_trained_context
+    from finetune.infer.backends import gguf_file, gguf_trained_context  # (torch)
 
     trained = gguf_trained_context(gguf_file(source, options.quant))
     return (f"; the model was trained for a {trained:,}-token context, llama.cpp runs it in a window of {context:,} "
@@ -83,8 +82,6 @@ def _free(where: str) -> tuple[Optional[int], str]:
         import psutil
 
         return psutil.virtual_memory().available, "RAM"
-    from finetune.estimate import gpu
-
     index = int(where.split(":")[1]) if ":" in where else 0
     found = [g for g in gpu.detect() if g.index == index]
     return (found[0].free_bytes, found[0].name) if found else (None, where)

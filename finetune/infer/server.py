@@ -352,7 +352,9 @@ def run(options: ServeOptions, err: "Console") -> int:
                             f"port=") from None
     source = load.resolve(options)
     err.print(memory.describe(source, options), markup=False)
-    engine = load.load(source, options)
+    from finetune.infer import backends  # (torch: only after the checks above, which need none)
+
+    engine = backends.load(source, options)
     limits = Limits(**{f.name: getattr(options, f.name) for f in dataclasses.fields(Limits)})
     app = create_app(engine, api_key=api_key, limits=limits,
                      local_only=api_key is None and hosts.is_loopback(options.host))

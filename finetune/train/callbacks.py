@@ -21,6 +21,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import ProgressCallback
 
 from finetune import atomic
+from finetune.runfiles import read_metrics
 
 GIB = 2**30
 
@@ -68,12 +69,12 @@ class MetricsLog(TrainerCallback):
 
 
 def keep_metrics_until(path: Path, step: int) -> None:
-    """On resume: drop the lines a killed run logged after its last checkpoint (they are logged again)."""
+    """On resume: drop the lines a killed run logged after its last checkpoint (they are logged again), and a last
+    line it was killed while writing."""
     if not path.is_file():
         return
-    rows = [line for line in path.read_text(encoding="utf-8").splitlines()
-            if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic.write_text(path, "".join(f"{line}\n" for line in rows))
+    rows = [row for row in read_metrics(path) if row.get("step", 0) <= step]
+    atomic.write_text(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
 class Progress(ProgressCallback):

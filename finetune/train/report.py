@@ -9,7 +9,6 @@ learnt the data, not that it generalises.
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ from datasets import DatasetDict
 
 from finetune import atomic
 from finetune.rundir import RunDir
+from finetune.runfiles import RunSummary
 
 if TYPE_CHECKING:
     from rich.console import Console
@@ -87,12 +87,6 @@ def generate(model: Any, tokenizer: Any, samples: list[Sample], stop_ids: list[i
         module.support_avx512bf16_for_cpu = True
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    if not path.is_file():
-        return []
-    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
-
-
 def loss_curve(rows: list[dict[str, Any]], path: Path) -> Optional[Path]:
     """Train and eval loss against the optimizer step, as a PNG (written whole, then renamed)."""
     train = [(r["step"], r["loss"]) for r in rows if "loss" in r]
@@ -123,24 +117,24 @@ def _fence(text: str) -> str:
     return "```\n" + text.replace("```", "ˋˋˋ") + "\n```"
 
 
-def write(run: RunDir, summary: dict[str, Any], samples: list[Sample], tokenizer: Any) -> Path:
+def write(run: RunDir, summary: RunSummary, samples: list[Sample], tokenizer: Any) -> Path:
     """report.md (and loss.png) for a finished run, from summary.json's figures and metrics.jsonl."""
-    curve = loss_curve(read_metrics(run.metrics_file), run.path / "loss.png")
-    memory = summary.get("memory", {})
+    curve = loss_curve(run.metrics(), run.path / "loss.png")
+    memory = summary.memory
     measured = memory.get("gpu_peak_reserved_bytes") or memory.get("host_peak_rss_bytes")
     measured_label = "measured peak (CUDA reserved)" if "gpu_peak_reserved_bytes" in memory \
         else "measured peak RSS (CPU process)"
     rows = [
-        ("model", f"{summary['model']} — {summary['source']}"),
-        ("method / stage", f"{summary['method']} / {summary['stage']}"),
-        ("processes", f"{summary['world_size']} × {summary['device']}"),
-        ("optimizer steps", summary["global_step"]),
-        ("final train loss", _num(summary.get("final_loss"))),
-        ("final eval loss", _num(summary.get("final_eval_loss"))),
-        ("throughput", f"{summary['tokens_per_second']:.0f} tokens/s" if summary.get("tokens_per_second") else "—"),
-        ("training time", f"{summary['train_runtime_s']:.1f} s"),
-        ("wall time (load, data, samples, save)", f"{summary['wall_s']:.1f} s"),
-        ("memory estimate (per GPU)", _gib(summary.get("estimate_peak_bytes"))),
+        ("model", f"{summary.model} — {summary.source}"),
+        ("method / stage", f"{summary.method} / {summary.stage}"),
+        ("processes", f"{summary.world_size} × {summary.device}"),
+        ("optimizer steps", summary.global_step),
+        ("final train loss", _num(summary.final_loss)),
+        ("final eval loss", _num(summary.final_eval_loss)),
+        ("throughput", f"{summary.tokens_per_second:.0f} tokens/s" if summary.tokens_per_second else "—"),
+        ("training time", f"{summary.train_runtime_s:.1f} s"),
+        ("wall time (load, data, samples, save)", f"{summary.wall_s:.1f} s"),
+        ("memory estimate (per GPU)", _gib(summary.estimate_peak_bytes)),
         (measured_label, _gib(measured)),
     ]
     lines = [f"# {run.path.name}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
@@ -152,7 +146,7 @@ def write(run: RunDir, summary: dict[str, Any], samples: list[Sample], tokenizer
             lines += [f"### {n}", "", "Prompt:", "", _fence(tokenizer.decode(sample.prompt_ids)), "",
                       "Reference:", "", _fence(tokenizer.decode(sample.reference_ids, skip_special_tokens=True)), "",
                       "Before:", "", _fence(sample.before), "", "After:", "", _fence(sample.after), ""]
-    lines += ["## Next", "", "```", summary["next"], "```", ""]
+    lines += ["## Next", "", "```", summary.next, "```", ""]
     return atomic.write_text(run.report_file, "\n".join(lines))
 
 
@@ -193,30 +187,33 @@ def announce_model(console: "Console", trainer: Any) -> None:
     console.print(f"[bold]train[/]   {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / max(total, 1):.2f}%), {len(trainer.train_dataset):,} training rows{held_out}")
 
-def summarize(session: "Session", trainer: Any, metrics: dict[str, Any], peak: dict[str, int]) -> dict[str, Any]:
-    """summary.json: the figures of a finished run (losses, throughput, time, estimate vs measured memory)."""
+def summarize(session: "Session", trainer: Any, metrics: dict[str, Any], peak: dict[str, int],
+              ranks: list[dict[str, Any]], weights: Path) -> RunSummary:
+    """summary.json: the figures of a finished run (losses, throughput, time, estimate vs measured memory), with
+    every rank's own report (`ranks`) and where the weights were saved."""
     recipe, history = session.recipe, trainer.state.log_history
     losses = [row["loss"] for row in history if "loss" in row]
     evals = [row["eval_loss"] for row in history if "eval_loss" in row]
     tokens = next((row["num_tokens"] for row in reversed(history) if "num_tokens" in row), None)
     runtime = metrics.get("train_runtime") or 0.0
-    return {"status": "finished", "model": recipe.model, "source": session.model.source, "method": recipe.method,
-            "stage": recipe.stage, "world_size": session.launch.world_size,
-            "device": session.launch.device.split(":")[0], "global_step": trainer.state.global_step,
-            "final_loss": losses[-1] if losses else None, "final_eval_loss": evals[-1] if evals else None,
-            "train_loss": metrics.get("train_loss"), "train_runtime_s": runtime,
-            "train_tokens": tokens, "tokens_per_second": tokens / runtime if tokens and runtime else None,
-            "wall_s": time.monotonic() - session.started,
-            "estimate_peak_bytes": session.estimate.get("peak_bytes"), "memory": peak,
-            "resumed_from": str(session.checkpoint) if session.checkpoint else None,
-            "next": f"finetune export run={session.run.path} to={'merged' if recipe.stage == 'rm' else 'ollama'}"}
+    return RunSummary(
+        model=recipe.model, source=session.model.source, method=recipe.method, stage=recipe.stage,
+        world_size=session.launch.world_size, device=session.launch.device.split(":")[0],
+        global_step=trainer.state.global_step, final_loss=losses[-1] if losses else None,
+        final_eval_loss=evals[-1] if evals else None, train_loss=metrics.get("train_loss"),
+        train_runtime_s=runtime, train_tokens=tokens,
+        tokens_per_second=tokens / runtime if tokens and runtime else None,
+        wall_s=time.monotonic() - session.started, estimate_peak_bytes=session.estimate.get("peak_bytes"),
+        memory=peak, resumed_from=str(session.checkpoint) if session.checkpoint else None,
+        next=f"finetune export run={session.run.path} to={'merged' if recipe.stage == 'rm' else 'ollama'}",
+        weights=str(weights), ranks=ranks, trust_remote_code=session.trust_remote_code)
 
 
-def say_goodbye(console: "Console", summary: dict[str, Any], run: RunDir) -> None:
+def say_goodbye(console: "Console", summary: RunSummary, run: RunDir) -> None:
     """The last lines of a run: where the weights are, how it went, what to run next."""
-    tps, loss = summary["tokens_per_second"], summary["final_loss"]
+    tps, loss = summary.tokens_per_second, summary.final_loss
     console.print(
-        f"[bold green]trained[/] {summary['global_step']} steps in {summary['train_runtime_s']:.1f} s"
+        f"[bold green]trained[/] {summary.global_step} steps in {summary.train_runtime_s:.1f} s"
         f"{f', {tps:,.0f} tokens/s' if tps else ''}{f'; final loss {loss:.4f}' if loss is not None else ''}\n"
-        f"[bold]weights[/] {summary['weights']}\n[bold]report[/]  {run.report_file}\n"
-        f"[bold]next[/]    {summary['next']}")
+        f"[bold]weights[/] {summary.weights}\n[bold]report[/]  {run.report_file}\n"
+        f"[bold]next[/]    {summary.next}")

@@ -9,6 +9,7 @@ from typing import Any, Optional
 
 from finetune import rundir
 from finetune.errors import UserError
+from finetune.export import gguf
 from finetune.web import forms, guard, jobs, runs
 
 
@@ -65,7 +66,7 @@ def watch_training() -> tuple[str, list[list[float]], str]:
     job = jobs.JOBS.get("train")
     if job is None:
         return "no training started from this page yet", [], ""
-    p = runs.progress(runs.read_metrics(rundir.RunDir(job.run).metrics_file), runs.estimate_of(job.run))
+    p = runs.watched(job.run)
     text = f"**{job.state()}** · {job.run.name} · {runs.progress_text(p)}"
     return text, [[float(s), float(v)] for s, v in p["losses"]], guard.redact(job.tail(15))
 
@@ -95,6 +96,4 @@ def watch_export() -> tuple[str, str, str]:
 
 
 def quant_names() -> list[str]:
-    from finetune.export import gguf
-
     return list(gguf.QUANTS)

@@ -1,17 +1,46 @@
-"""The page's layout: Gradio components wired to the plain callbacks in forms / actions / runs / chat.
+"""The page: the checks before it starts, then its layout, Gradio components wired to the plain callbacks in
+forms / actions / runs / chat.
 
-Nothing is computed here; every button or field calls one function that a unit test calls the same way.
+Nothing is computed here; every button or field calls one function that a unit test calls the same way. Gradio
+is imported inside `build` only: `finetune web` on an exposed host without sign-in, or without gradio installed,
+is refused before it loads.
 """
 
 from __future__ import annotations
 
+import importlib.util
 import tempfile
+from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
-from finetune.web import WebOptions, actions, chat, forms, runs
+from finetune import hosts
+from finetune.errors import UserError
+from finetune.web import actions, chat, forms, guard, runs
 from finetune.web.labels import LANGS, label
+
+
+@dataclass
+class WebOptions:
+    host: str = "127.0.0.1"  # local only; any other address needs sign-in (auth_file= or $FINETUNE_WEB_AUTH)
+    port: int = 7860
+    outputs: str = "outputs"  # where runs are started and listed (the CLI's default output_dir parent)
+    auth_file: Optional[str] = None  # lines of user:password; the page then asks to sign in
+
+
+def serve(options: WebOptions) -> int:
+    """Start the page; refused (before gradio loads) on a non-loopback host without sign-in: the page trains,
+    writes files and loads models on this machine for whoever reaches it."""
+    users = guard.credentials(options.auth_file)
+    if not users and not hosts.is_loopback(options.host):
+        raise UserError(f"host={options.host} lets other machines reach the page, which trains and writes files "
+                        f"here: set sign-in first with auth_file=PATH (lines of user:password) or "
+                        f"{guard.AUTH_ENV}=user:password, or keep host=127.0.0.1")
+    if importlib.util.find_spec("gradio") is None:
+        raise UserError("`finetune web` needs gradio, which is not installed: pip install 'finetune[web]'")
+    launch(options, users)
+    return 0
 
 
 def _estimate_outputs(view: forms.EstimateView) -> tuple:
@@ -30,7 +59,7 @@ def _runs_table(outputs: str) -> list[list[Any]]:
 
 
 def build(options: WebOptions):
-    import gradio as gr
+    import gradio as gr  # the optional web extra (and pandas with it): loaded only when the page is built
     import pandas as pd
 
     workdir = Path(tempfile.mkdtemp(prefix="finetune-web-"))

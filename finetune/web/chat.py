@@ -10,6 +10,9 @@ import threading
 from typing import Any
 
 from finetune.errors import UserError
+from finetune.infer import load
+from finetune.infer.generate import Sampling
+from finetune.infer.options import ChatOptions
 from finetune.web import guard
 
 _LOADED: dict[str, Any] = {}
@@ -19,14 +22,13 @@ _LOCK = threading.Lock()
 
 
 def engine(run: str) -> Any:
-    from finetune.infer import load
-    from finetune.infer.options import ChatOptions
+    from finetune.infer import backends  # (torch: only when the tab first answers)
 
     with _LOCK:
         if run not in _LOADED:
             _LOADED.clear()
             options = ChatOptions(run=run)
-            _LOADED[run] = load.load(load.resolve(options), options)
+            _LOADED[run] = backends.load(load.resolve(options), options)
         return _LOADED[run]
 
 
@@ -34,8 +36,6 @@ def reply(outputs: str, run: str, message: str, history: list[dict[str, str]], m
           ) -> tuple[list[dict[str, str]], str]:
     """(the conversation with the new turn, an error line or ""). A failed turn leaves the history as it was.
     Only runs inside the outputs folder are loaded."""
-    from finetune.infer.generate import Sampling
-
     if not run:
         return history, "error: choose a run first"
     if not (message or "").strip():

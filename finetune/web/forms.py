@@ -15,6 +15,8 @@ from typing import Any, Optional
 
 from finetune import config
 from finetune.errors import UserError
+from finetune.estimate import gpu, report
+from finetune.models import registry
 from finetune.web import guard
 
 FIELDS: dict[str, str] = {"model": "model", "variant": "variant", "method": "method", "data": "data.path",
@@ -30,14 +32,10 @@ def recipe_names() -> list[str]:
 
 
 def model_names() -> list[str]:
-    from finetune.models import registry
-
     return list(registry.models())
 
 
 def variant_names(model: Optional[str]) -> list[str]:
-    from finetune.models import registry
-
     found = registry.models().get(model or "")
     return [v.name for v in found[1].variants] if found else []
 
@@ -137,9 +135,6 @@ class EstimateView:
 def estimate(recipe_name: Optional[str], values: dict[str, Any], extra: Optional[str] = None,
              workdir: Optional[Path] = None) -> EstimateView:
     """The CLI's `finetune estimate` for the fields: verdict, the estimator's PNG, ranked fixes, the recipe YAML."""
-    from finetune.estimate import gpu, report
-    from finetune.models import registry
-
     try:
         recipe, items = resolve(recipe_name, values, extra)
         spec = registry.spec_for_estimate(recipe.model, recipe.variant)

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+from finetune.errors import UserError
+
 
 @dataclass
 class Job:
@@ -52,8 +54,6 @@ def start(kind: str, args: list[str], log: Path, run: Optional[Path] = None, cwd
     """`python -m finetune ARGS` in the background, stdout and stderr into `log`."""
     current = JOBS.get(kind)
     if current is not None and current.running:
-        from finetune.errors import UserError
-
         raise UserError(f"a {kind} job is still running ({' '.join(current.argv[2:])}); stop it or wait")
     log.parent.mkdir(parents=True, exist_ok=True)
     argv = [sys.executable, "-m", "finetune", *args]

@@ -6,40 +6,18 @@ yet, maybe no checkpoint; none of that is an error here.
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any, Optional
 
 from finetune.errors import UserError
 from finetune.rundir import RunDir, is_run
+from finetune.runfiles import RunEstimate
 from finetune.web import guard
 
 GiB = 2**30
 
 
-def read_metrics(path: Path) -> list[dict[str, Any]]:
-    """metrics.jsonl's rows; a line still being written (not yet valid JSON) is skipped."""
-    rows = []
-    if not Path(path).is_file():
-        return rows
-    for line in Path(path).read_text(encoding="utf-8").splitlines():
-        try:
-            row = json.loads(line)
-        except ValueError:
-            continue
-        if isinstance(row, dict):
-            rows.append(row)
-    return rows
-
-
-def _json(path: Path) -> dict[str, Any]:
-    try:
-        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
-    except ValueError:
-        return {}
-
-
-def progress(rows: list[dict[str, Any]], estimate: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+def progress(rows: list[dict[str, Any]], estimate: Optional[RunEstimate] = None) -> dict[str, Any]:
     """The live figures: step, loss, tokens per second (between the last two logs with token counts), GPU memory
     now and at its peak (on a GPU) next to the estimate's peak."""
     train = [r for r in rows if isinstance(r.get("loss"), (int, float))]
@@ -58,7 +36,7 @@ def progress(rows: list[dict[str, Any]], estimate: Optional[dict[str, Any]] = No
         "tokens_per_s": tokens_per_s,
         "gpu_now_bytes": memory[-1]["gpu_reserved_bytes"] if memory else None,
         "gpu_peak_bytes": max(r.get("gpu_peak_reserved_bytes", 0) for r in memory) if memory else None,
-        "estimate_bytes": (estimate or {}).get("peak_bytes"),
+        "estimate_bytes": estimate.peak_bytes if estimate else None,
         "losses": [(r["step"], r["loss"]) for r in train if "step" in r],
     }
 
@@ -94,7 +72,7 @@ def list_runs(outputs: Path) -> list[dict[str, Any]]:
     rows = []
     for path in sorted(found, key=lambda p: p.stat().st_mtime, reverse=True):
         run = RunDir(path)
-        p = progress(read_metrics(run.metrics_file))
+        p = progress(run.metrics())
         rows.append({"run": path.name, "status": status(run), "step": p["step"],
                      "loss": None if p["loss"] is None else round(p["loss"], 4),
                      "report": run.report_file.is_file(), "path": str(path.resolve())})
@@ -114,5 +92,12 @@ def report_text(outputs: str, path: Optional[str]) -> str:
     return f"*{run.path.name}: no report.md yet ({status(run)})*"
 
 
-def estimate_of(path: Path) -> dict[str, Any]:
-    return _json(RunDir(Path(path)).estimate_file)
+def watched(path: Path) -> dict[str, Any]:
+    """`progress` of the run at `path` while it trains: its rows so far next to the estimate it started under (none
+    when that file is not a whole estimate: the page shows what it can)."""
+    run = RunDir(Path(path))
+    try:
+        estimate = run.estimate()
+    except UserError:
+        estimate = None
+    return progress(run.metrics(), estimate)

@@ -11,12 +11,13 @@ import torch
 
 from finetune import config, rundir
 from finetune.errors import UserError
-from finetune.infer import load, tools
+from finetune.infer import backends, load, tools
 from finetune.infer.backends import gguf_file, pick
 from finetune.infer.generate import Engine, Sampling, TextStream
 from finetune.infer.protocol import APIError, parse
-from finetune.models import templates
+from finetune.models import chat
 from finetune.models.tokenizers import bundled_tokenizer
+from finetune.runfiles import RunBase
 
 FAMILIES = ["chatglm3", "baichuan2", "qwen1", "qwen2_5", "llama2"]
 ANSWER = "  Paris — 巴黎 🗼, about 2.1 million people.\nThat's all!  "
@@ -28,9 +29,9 @@ def answer_ids(family: str, answer: dict, tools_: list | None = None) -> list[in
     """The ids a model trained on this answer generates: its trained tokens, the stop token left out."""
     tok = bundled_tokenizer(family)
     conv = [{"role": "user", "content": "Where?"}, answer]
-    encoded = templates.encode_conversation(family, tok, conv, tools=tools_)
+    encoded = chat.get(family).encode_conversation(tok, conv, tools=tools_)
     trained = [i for i, label in zip(encoded.input_ids, encoded.labels) if label != -100]
-    stops = set(templates.stop_token_ids(family, tok))
+    stops = set(chat.get(family).stop_token_ids(tok))
     return [i for i in trained if i not in stops]
 
 
@@ -94,8 +95,8 @@ def test_tool_calls_read_back_what_the_template_renders(family):
     call = {"role": "assistant", "content": None,
             "tool_calls": [{"name": "get_weather", "arguments": {"city": "北京", "days": 2, "hourly": True}}]}
     tok = bundled_tokenizer(family)
-    text = streamed(tok, answer_ids(family, call, [WEATHER]), tools.STOPS.get(family, ()))[1].text
-    content, calls = tools.parse(family, text)
+    text = streamed(tok, answer_ids(family, call, [WEATHER]), chat.get(family).tool_stops)[1].text
+    content, calls = tools.parse(chat.get(family), text)
     assert content is None and len(calls) == 1
     assert calls[0]["function"]["name"] == "get_weather" and calls[0]["type"] == "function"
     assert calls[0]["function"]["arguments"] == '{"city": "北京", "days": 2, "hourly": true}'
@@ -105,19 +106,20 @@ def test_qwen1_react_answers_read_back_as_openai_api_parses_them():
     """The model stops at "Observation:" (a stop string while tools are offered); its thought is the content."""
     tok = bundled_tokenizer("qwen1")
     generated = tok.encode('Thought: 查一下。\nAction: get_weather\nAction Input: {"city": "北京"}\nObservation: x')
-    text = streamed(tok, generated, tools.STOPS["qwen1"])[1].text
-    content, calls = tools.parse("qwen1", text)
+    text = streamed(tok, generated, chat.get("qwen1").tool_stops)[1].text
+    content, calls = tools.parse(chat.get("qwen1"), text)
     assert content == "查一下。" and calls[0]["function"]["arguments"] == '{"city": "北京"}'
-    assert tools.parse("qwen1", " I now know the final answer.\nFinal Answer: 22 度。") == ("22 度。", [])
-    assert tools.parse("qwen1", "Thought: x\nAction: f\nAction Input: not json") == (
+    assert tools.parse(chat.get("qwen1"), " I now know the final answer.\nFinal Answer: 22 度。") == ("22 度。", [])
+    assert tools.parse(chat.get("qwen1"), "Thought: x\nAction: f\nAction Input: not json") == (
         "Thought: x\nAction: f\nAction Input: not json", [])
 
 
 def test_text_that_is_not_a_call_stays_content():
-    assert tools.parse("qwen2_5", "Sunny. <tool_call>{oops</tool_call>") == ("Sunny. <tool_call>{oops</tool_call>", [])
-    assert tools.parse("chatglm3", "get_weather\n```python\nprint(1)\n```") == (
+    oops = "Sunny. <tool_call>{oops</tool_call>"
+    assert tools.parse(chat.get("qwen2_5"), oops) == (oops, [])
+    assert tools.parse(chat.get("chatglm3"), "get_weather\n```python\nprint(1)\n```") == (
         "get_weather\n```python\nprint(1)\n```", [])
-    assert tools.parse("llama2", "<tool_call>{}</tool_call>") == ("<tool_call>{}</tool_call>", [])
+    assert tools.parse(chat.get("llama2"), "<tool_call>{}</tool_call>") == ("<tool_call>{}</tool_call>", [])
 
 
 def test_sampling_is_greedy_at_zero_and_stays_in_the_nucleus():
@@ -134,7 +136,7 @@ def test_sampling_is_greedy_at_zero_and_stays_in_the_nucleus():
 
 def make_run(path: Path, with_adapter: bool = True) -> rundir.RunDir:
     run = rundir.create(config.load(None, ["model=tiny_qwen2_5"]), path)
-    run.write_base({"path": str(path / "base"), "model": "tiny_qwen2_5", "template": "qwen2_5"})
+    run.write_base(RunBase(path=str(path / "base"), model="tiny_qwen2_5", template="qwen2_5"))
     (path / "base").mkdir()
     (path / "base" / "config.json").write_text("{}")
     if with_adapter:
@@ -244,7 +246,7 @@ def test_the_token_loop_generates_what_model_generate_does(model):
     from finetune.infer.options import ChatOptions
 
     options = ChatOptions(model=model)
-    engine = load.load(load.resolve(options), options)
+    engine = backends.load(load.resolve(options), options)
     prompt = engine.prompt_ids([{"role": "system", "content": "Be brief."}, {"role": "user", "content": "你好?"},
                                 {"role": "assistant", "content": "I am fine."}, {"role": "user", "content": "More."}])
     done = engine.generate(prompt, Sampling(max_tokens=12))

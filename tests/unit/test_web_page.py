@@ -13,6 +13,7 @@ from finetune import config
 from finetune.errors import UserError
 from finetune.estimate import gpu, report
 from finetune.models import registry
+from finetune.rundir import RunDir
 from finetune.web import actions, forms, jobs, labels, runs
 
 GiB = 2**30
@@ -86,7 +87,7 @@ def _fake_run(path, rows, checkpoint=None, finished=False):
     path.mkdir(parents=True)
     (path / "recipe.yaml").write_text(config.to_yaml(config.load("tiny_qwen2_5_demo")))
     (path / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows) + '{"step": 9, "lo')
-    (path / "estimate.json").write_text(json.dumps({"peak_bytes": 12 * GiB}))
+    (path / "estimate.json").write_text(json.dumps({"fits": None, "verdict": "no GPU found", "peak_bytes": 12 * GiB}))
     if checkpoint:
         (path / "checkpoints" / f"checkpoint-{checkpoint}").mkdir(parents=True)
         (path / "checkpoints" / f"checkpoint-{checkpoint}" / "trainer_state.json").write_text("{}")
@@ -104,9 +105,9 @@ ROWS = [{"step": 2, "elapsed_s": 1.0, "loss": 2.5, "num_tokens": 100.0, "gpu_res
 
 def test_metrics_parse_into_loss_throughput_and_memory_vs_estimate(tmp_path):
     _fake_run(tmp_path / "run", ROWS)
-    rows = runs.read_metrics(tmp_path / "run" / "metrics.jsonl")
+    rows = RunDir(tmp_path / "run").metrics()
     assert len(rows) == 3  # the half-written last line is skipped
-    p = runs.progress(rows, runs.estimate_of(tmp_path / "run"))
+    p = runs.watched(tmp_path / "run")
     assert p["step"] == 4 and p["loss"] == 2.0 and p["tokens_per_s"] == 200.0
     assert p["losses"] == [(2, 2.5), (4, 2.0)]
     assert runs.progress_text(p) == \
@@ -158,13 +159,12 @@ def test_a_job_runs_the_cli_in_the_background_and_stops_with_sigint(tmp_path):
 
 
 def test_the_package_imports_without_gradio_and_says_how_to_get_it(monkeypatch):
-    import finetune.web
-    import finetune.web.app  # noqa: F401  (gradio is imported only when the page is built)
+    from finetune.web import app  # gradio is imported only when the page is built
 
     real = importlib.util.find_spec
     monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "gradio" else real(name, *a))
     with pytest.raises(UserError, match=r"pip install 'finetune\[web\]'"):
-        finetune.web.serve(finetune.web.WebOptions())
+        app.serve(app.WebOptions())
 
 
 def test_web_command_checks_its_keys(capsys):
