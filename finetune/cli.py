@@ -266,7 +266,8 @@ def cmd_gpus(args: list[str]) -> int:
 
 
 def _infer_options(kind: type, pairs: list[str], command: str):
-    """chat/serve options: free text (prompt=, system=) taken verbatim, the rest through _options."""
+    """chat/serve options: free text (prompt=, system=) taken verbatim, the rest typed and checked by
+    config.parse_options."""
     from finetune.infer.options import TEXT_KEYS
 
     text = {p.split("=", 1)[0]: p.split("=", 1)[1] for p in pairs if p.split("=", 1)[0] in TEXT_KEYS}

@@ -1,6 +1,7 @@
 """`finetune estimate` / `--dry-run`: the plan against the GPUs, a verdict, and what to change when it won't fit.
 
-`estimate_report` is the machine form (the `--json` object, keys fixed in DECISIONS.md); `render_estimate` the
+`estimate_report` is the machine form (the `--json` object: scripts and tests read params_total,
+params_trainable, peak_bytes, breakdown, gpus, fits and suggestions, so those keys stay); `render_estimate` the
 table a person reads; `save_breakdown_png` the picture. Every suggestion is a real re-plan of the recipe with one
 change (config.with_overrides), so its number is an estimate, not a rule of thumb.
 """

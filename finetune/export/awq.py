@@ -4,7 +4,8 @@ Output: a compressed-tensors checkpoint (W4A16, symmetric int4 packed in int32, 
 natively for the architectures it knows by name — Qwen2ForCausalLM, LlamaForCausalLM, GlmForCausalLM. Our
 Baichuan2-13B ALiBi class is not one of them (vLLM runs Baichuan only in its original remote-code layout), so
 that family is refused here; serve its un-merged adapter or its GGUF instead. Symmetric W4A16 is chosen because it
-also loads back in transformers (the asymmetric variant does not on newer versions; reference/export.md).
+also loads back in transformers, equal to the quantized model in memory: llm-compressor's W4A16_ASYM checkpoint
+loads in transformers 5.17 but fails in 5.23 (a zero-point shape error in its compressed-tensors loader).
 vLLM itself cannot run on this CPU machine: the printed `vllm serve` lines are what to run on a GPU server.
 """
 

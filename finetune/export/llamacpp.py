@@ -6,8 +6,10 @@ the exact commit its bindings were built from. One pinned version, checked by sh
 $FINETUNE_CACHE/llama.cpp/<version>/.
 
 Why a portable build (`-DGGML_NATIVE=OFF`): a `-march=native` build crashes on every quantized GGUF on VMs that
-report AMX but fault on its instructions (reference/export.md). The wheel is built once into a cache directory keyed
-by version and flags, because pip's own wheel cache ignores CMAKE_ARGS and would silently reuse a native build.
+report AMX but fault on its instructions (ggml's AMX matmul segfaults in llama_decode at its `ldtilecfg`); turning
+the GGML_AMX_* options off does not help, because with GGML_NATIVE=ON ggml's CMakeLists adds only -march=native and
+ignores them. The wheel is built once into a cache directory keyed by version and flags, because pip's own wheel
+cache ignores CMAKE_ARGS and would silently reuse a native build.
 
     python -m finetune.export.llamacpp setup     # fetch + check the sdist, build the wheel once, install it
 """

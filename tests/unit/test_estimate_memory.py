@@ -133,7 +133,7 @@ COMPARABLE = [row for row in _bench().TORCHTUNE_ROWS if row[3]]
 
 @pytest.mark.parametrize("row", COMPARABLE, ids=[row[0] for row in COMPARABLE])
 def test_estimate_reproduces_torchtunes_measured_peak_within_15_percent(row):
-    """torchtune's README, MEASURED (reference/memory.md), in the rows whose settings ours can express (the
+    """torchtune's README (its memory table: peak per GPU, measured), in the rows whose settings ours can express (the
     others, and why not, are in docs/memory.md). Their peak is torch's allocator figure: no CUDA context."""
     bench = _bench()
     name, measured_gib, overrides, _, _ = row

@@ -18,7 +18,7 @@ from finetune.models.tiny import cached_tiny
 from finetune.train.model import check_cpu_4bit_widths
 from reference_models import baichuan_slopes
 
-PUBLISHED_PARAMETERS = {  # reference/models.md
+PUBLISHED_PARAMETERS = {  # each model's config.json on the Hugging Face hub, counted by arithmetic (no buffers)
     "chatglm3_6b": 6_243_584_000, "baichuan2_7b": 7_505_973_248, "baichuan2_13b": 13_896_668_160,
     "llama2_7b": 6_738_415_616, "llama2_13b": 13_015_864_320, "qwen2_5_7b": 7_615_616_512,
     "qwen1_7b": 7_721_324_544,

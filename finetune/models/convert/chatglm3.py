@@ -1,6 +1,7 @@
 """ChatGLM3-6B (remote code "chatglm") -> transformers `GlmForCausalLM`: same math, no remote code.
 
-Facts checked numerically against the original modeling file (reference/models.md): `query_key_value` rows are
+Facts checked numerically against THUDM's modeling_chatglm.py (tests/unit/reference_models.py re-implements its
+forward pass; test_convert.py compares logits): `query_key_value` rows are
 [q: heads*kv_channels | k: groups*kv_channels | v: groups*kv_channels], its bias splits the same way; `dense_h_to_4h`
 is already [gate; up]; RoPE covers the first kv_channels/2 dims of each head in interleaved pairs, which is GLM's
 partial_rotary_factor 0.5; the checkpoint's `rotary_pos_emb.inv_freq` is recomputed by both sides, so it is dropped.

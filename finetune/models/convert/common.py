@@ -182,7 +182,7 @@ class ShardWriter:
         if self.buffer and sum(t.numel() * t.element_size() for t in self.buffer.values()) + size > self.shard_bytes:
             self.flush()
         if tensor.untyped_storage().nbytes() != size or not tensor.is_contiguous():
-            tensor = tensor.contiguous().clone()  # own its storage: safetensors refuses shared/strided tensors
+            tensor = tensor.contiguous().clone()  # own its storage: safetensors refuses shared or strided tensors
         self.buffer[name] = tensor
         self.total += size
 
