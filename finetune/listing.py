@@ -1,4 +1,6 @@
-"""What ships, as rows: `finetune list recipes` and `finetune list models` (tables for people, JSON for machines).
+"""What ships, as rows: `finetune list recipes`, and the table both listings print (tables for people, JSON for
+machines). `finetune list models` is the estimator's (finetune.estimate.recommend.models_table), which reads these
+recipe rows: the dependency goes one way, estimate -> listing.
 
 The recipe rows are cached (finetune.estimate.cache) keyed by the recipe files' contents and the code that reads
 them: composing and validating ~30 recipes with OmegaConf takes seconds, and `finetune recommend` needs them too.
@@ -36,13 +38,6 @@ def recipes() -> list[dict[str, Any]]:
                          "description": _description(path)})
         cache.store("listing", "recipes", entry, rows)
     return rows
-
-
-def models() -> list[dict[str, Any]]:
-    """The registry with the estimator's predicted peak memory: the guides' comparison table, computed."""
-    from finetune.estimate.recommend import models_table
-
-    return models_table()
 
 
 def table(rows: list[dict[str, Any]], title: str) -> Table:

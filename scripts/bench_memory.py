@@ -50,8 +50,9 @@ from finetune.estimate.memory import CUDA_CONTEXT_BYTES, GiB, plan
 from finetune.models import registry
 from finetune.models.native import native_config
 from finetune.models.registry import ModelSpec
+from finetune.plan import ModelPlan, model_plan
 from finetune.schema import trains_weights
-from finetune.train.model import DTYPES, freeze_all_but_last
+from finetune.train.model import DTYPES, STORAGE, bnb_config, freeze_all_but_last, peft_config
 
 STD = 0.02
 
@@ -59,93 +60,94 @@ STD = 0.02
 def build(recipe: Recipe, spec: ModelSpec, device: str) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """A random-init model prepared as training prepares it, and the optimizer the trainer would create."""
     model = prepare(recipe, spec, device)
-    return model, _optimizer(model, recipe)
+    return model, _optimizer(model, recipe, spec)
 
 
 def prepare(recipe: Recipe, spec: ModelSpec, device: str) -> torch.nn.Module:
-    """A random-init model prepared as training prepares it (finetune/train/sft.py, then TRL's SFTTrainer)."""
+    """A random-init model built from the recipe's plan (finetune.plan), as training builds it
+    (finetune/train/model.py, then TRL's trainer): its head, dtypes, quantization, what trains and the adapter."""
     from peft import prepare_model_for_kbit_training
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
     from transformers.initialization import no_init_weights
     from trl.trainer.utils import add_fused_lm_head
 
+    planned = model_plan(recipe, spec)
     cfg = native_config(spec)
     cfg._attn_implementation = recipe.train.attn_implementation
-    full_fp16 = trains_weights(recipe.method) and recipe.train.precision == "fp16"
-    dtype = torch.float32 if full_fp16 else DTYPES[recipe.train.precision]
+    auto = AutoModelForCausalLM
+    if planned.head == "value":
+        cfg.num_labels, auto = 1, AutoModelForSequenceClassification
     with torch.device(device), no_init_weights():
-        model = AutoModelForCausalLM.from_config(cfg, dtype=dtype)
+        model = auto.from_config(cfg, dtype=DTYPES[planned.load_dtype])
     model.tie_weights()  # skipped with the initialisation
     for param in model.parameters():
         param.data.fill_(STD)  # memory does not depend on the values: a constant is fast and keeps the loss finite
-    if recipe.method == "qlora":
-        _quantize(model, recipe, dtype, device)  # 16-bit parts stay 16-bit, as finetune/train/sft.py leaves them
-        if recipe.quant.upcast:  # ... unless the recipe asks for the fp32 upcast, as sft.py then does
+    if planned.quant:
+        _quantize(model, planned, device)  # 16-bit parts stay 16-bit, as load_model leaves them
+        if planned.upcast:  # ... unless the recipe asks for the fp32 upcast, as load_model then does
             prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model.config.use_cache = False
-    add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
-    if recipe.method == "freeze":
-        freeze_all_but_last(model, recipe.freeze.layers)
-    elif recipe.method != "full":
-        model = _add_lora(model, recipe, spec)
+    if planned.head == "causal_lm":
+        add_fused_lm_head(model, outputs=("log_probs", "entropy", "is_top1"))
+    if planned.trains == "last_layers":
+        freeze_all_but_last(model, planned.freeze_layers or 0, keep=planned.full_modules)
+    elif planned.lora:
+        model = _add_lora(model, planned)
     if recipe.train.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-        if not trains_weights(recipe.method):  # adapters on a frozen base: the inputs carry the gradient
+        if planned.lora:  # adapters on a frozen base: the inputs carry the gradient
             model.enable_input_require_grads()
     model.train()
     return model
 
 
-def _quantize(model: torch.nn.Module, recipe: Recipe, dtype: torch.dtype, device: str) -> None:
+def _quantize(model: torch.nn.Module, planned: ModelPlan, device: str) -> None:
     """bitsandbytes linears where transformers' quantizer puts them, filled with random values, quantized."""
     import bitsandbytes as bnb
-    from transformers import BitsAndBytesConfig
     from transformers.integrations.bitsandbytes import replace_with_bnb_linear
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
 
-    qcfg = BitsAndBytesConfig(load_in_4bit=recipe.quant.bits == 4, load_in_8bit=recipe.quant.bits == 8,
-                              bnb_4bit_quant_type=recipe.quant.type, bnb_4bit_compute_dtype=dtype,
-                              bnb_4bit_use_double_quant=recipe.quant.double_quant)
+    quant, dtype = planned.quant, DTYPES[planned.load_dtype]
+    assert quant is not None
     skip = Bnb4BitHfQuantizer.get_modules_to_not_convert(model, None, model._keep_in_fp32_modules)
-    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=qcfg)
+    replace_with_bnb_linear(model, modules_to_not_convert=skip, quantization_config=bnb_config(planned))
     for module in model.modules():
         if not isinstance(module, (bnb.nn.Linear4bit, bnb.nn.Linear8bitLt)):
             continue
         data = torch.full((module.out_features, module.in_features), STD, dtype=dtype, device=device)
         if isinstance(module, bnb.nn.Linear4bit):
-            module.weight = bnb.nn.Params4bit(data, requires_grad=False,
-                                              quant_type=recipe.quant.type,
-                                              compress_statistics=recipe.quant.double_quant).to(device)
+            module.weight = bnb.nn.Params4bit(data, requires_grad=False, quant_type=quant.type,
+                                              compress_statistics=quant.double_quant,
+                                              quant_storage=STORAGE[planned.quant_storage]).to(device)
         else:
             module.weight = bnb.nn.Int8Params(data, requires_grad=False, has_fp16_weights=False).to(device)
         if module.bias is not None:
             module.bias = torch.nn.Parameter(torch.zeros(module.out_features, dtype=dtype, device=device),
                                              requires_grad=False)
         del data
-    model.is_loaded_in_4bit = recipe.quant.bits == 4
-    model.is_loaded_in_8bit = recipe.quant.bits == 8
+    model.is_loaded_in_4bit = quant.bits == 4
+    model.is_loaded_in_8bit = quant.bits == 8
 
 
-def _add_lora(model: torch.nn.Module, recipe: Recipe, spec: ModelSpec) -> torch.nn.Module:
-    """PEFT LoRA as TRL's SFTTrainer applies it (adapters bf16 on a quantized base, DoRA magnitudes fp32)."""
-    from peft import LoraConfig, get_peft_model
+def _add_lora(model: torch.nn.Module, planned: ModelPlan) -> torch.nn.Module:
+    """PEFT LoRA as TRL's trainer leaves it: the plan's adapter (finetune.train.model.peft_config) in the plan's
+    dtypes (finetune.plan: bf16 on a quantized base with DoRA magnitudes in fp32, else PEFT's fp32 unless ZeRO-3)."""
+    from peft import get_peft_model
 
-    targets = list(recipe.lora.targets) or list(spec.family.lora_targets)
-    lora = LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                      target_modules=targets, use_dora=recipe.lora.dora, task_type="CAUSAL_LM")
-    model = get_peft_model(model, lora, autocast_adapter_dtype=recipe.distributed not in ("zero3", "zero3_offload"))
-    if recipe.method == "qlora":
-        for name, param in model.named_parameters():
-            if param.requires_grad and "lora_magnitude_vector" not in name:
-                param.data = param.data.to(torch.bfloat16)
+    model = get_peft_model(model, peft_config(planned), autocast_adapter_dtype=False)  # the plan names the dtype
+    for name, param in model.named_parameters():
+        if param.requires_grad and "lora_" in name:  # a value head beside them keeps the base's dtype
+            magnitude = "lora_magnitude_vector" in name
+            param.data = param.data.to(DTYPES[planned.magnitude_dtype if magnitude else planned.trained_dtype])
     return model
 
 
-def _optimizer(model: torch.nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
-    """The optimizer class and arguments transformers' Trainer builds for `optim=<recipe.train.optimizer>`."""
+def _optimizer(model: torch.nn.Module, recipe: Recipe, spec: ModelSpec) -> torch.optim.Optimizer:
+    """The optimizer class and arguments transformers' Trainer builds for the plan's `optim` (the name training
+    passes for recipe.train.optimizer)."""
     from transformers import Trainer, TrainingArguments
 
-    args = TrainingArguments(output_dir=tempfile.gettempdir(), optim=recipe.train.optimizer,
+    args = TrainingArguments(output_dir=tempfile.gettempdir(), optim=model_plan(recipe, spec).optim,
                              learning_rate=recipe.train.lr, weight_decay=recipe.train.weight_decay,
                              report_to=[], use_cpu=not torch.cuda.is_available())
     cls, kwargs = Trainer.get_optimizer_cls_and_kwargs(args, model)
@@ -167,7 +169,8 @@ def forward_loss(model: torch.nn.Module, recipe: Recipe, device: str, gen: torch
     ids = torch.randint(0, vocab, (recipe.train.micro_batch, recipe.train.max_length), generator=gen).to(device)
     fused = recipe.train.logits == "chunked"
     ones = {"attention_mask": torch.ones_like(ids)} if mask else {}
-    with torch.autocast(device, dtype=DTYPES[recipe.train.precision], enabled=recipe.train.precision != "fp32"):
+    autocast = model_plan(recipe, None).autocast  # the trainer's mixed precision: the recipe's alone
+    with torch.autocast(device, dtype=DTYPES[autocast or "fp32"], enabled=autocast is not None):
         return model(input_ids=ids, labels=ids, fused_lm_head=fused, **ones).loss
 
 
@@ -730,8 +733,9 @@ SANITY = [  # (model, method, others' figures for it; "estimated" tables, ranges
 
 
 def published_markdown() -> str:
-    """Our estimates next to the published figures of reference/memory.md (measured: within 15%; estimated
-    tables of others: shown as ranges only)."""
+    """Our estimates next to published figures: torchtune's measured peaks (its README's memory table for Llama 3.1
+    8B; held within 15%) and the estimated tables of LLaMA-Factory, Axolotl, Unsloth and fine-tuning guides (shown
+    as ranges only, SANITY)."""
     spec = llama_3_1_8b()
     lines = ["## Against published figures", "",
              "Generated by `python scripts/bench_memory.py --published docs/memory.md` (no GPU needed). The "

@@ -166,7 +166,7 @@ def run_plain(s: Setting, work: Path) -> Run:
 
     from finetune import data
     from finetune.models import hub
-    from finetune.train.session import OPTIMIZERS
+    from finetune.plan import OPTIMIZERS
 
     r = dataclasses.replace(s, liger=False).recipe(work / "unused")  # the rows; liger is a TRL flag here
     resolved = hub.resolve(r, progress=False)

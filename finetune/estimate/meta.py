@@ -1,9 +1,10 @@
 """Counting a recipe's model on the real (meta-device) module tree — never from formulas.
 
-The native model is built on the meta device (no memory, no download), then changed the way training changes it:
-transformers' own bitsandbytes quantizer swaps the linears it would quantize (so what stays 16-bit — embeddings,
-lm_head, norms, biases — is decided by transformers, not by us), and PEFT injects the real LoRA modules with the
-recipe's rank and targets. Everything the memory model needs is read off that tree.
+The native model is built on the meta device (no memory, no download), with the plan's head (finetune.plan: the
+language-model head, or a reward model's value head), then changed the way training changes it: transformers' own
+bitsandbytes quantizer swaps the linears it would quantize (so what stays 16-bit — embeddings, lm_head, norms,
+biases — is decided by transformers, not by us), and PEFT injects the real LoRA modules with the plan's rank and
+targets. Everything the memory model needs is read off that tree.
 
 This is the only part of the estimator that needs torch, transformers, PEFT and bitsandbytes; importing them takes
 seconds, so finetune.estimate.params imports this module only when its on-disk cache has no entry.
@@ -14,48 +15,53 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 from torch import nn
 
 from finetune.errors import UserError
-from finetune.estimate.params import Linear, ModelFacts
+from finetune.estimate.model_facts import Linear, ModelFacts
 from finetune.models.native import meta_model, native_config
 from finetune.models.registry import ModelSpec
+from finetune.plan import Counted, Head, Quantization
 
 PER_HEAD_MASK_MODEL_TYPES = frozenset({"baichuan_alibi"})
 """Native model types whose forward materialises an additive [batch, heads, s, s] attention mask (ALiBi): a
 per-sequence s² term no SDPA kernel avoids (finetune.models.baichuan_alibi.alibi_mask)."""
 
 
-def _quantize(model: nn.Module, bits: int, quant_type: str, double_quant: bool) -> None:
+def _quantize(model: nn.Module, quant: Quantization) -> None:
     """Swap in bitsandbytes linears exactly where transformers' own quantizer would (it skips lm_head, tied
     weights and the model's keep-in-fp32 modules)."""
     from transformers import BitsAndBytesConfig
     from transformers.quantizers.quantizer_bnb_4bit import Bnb4BitHfQuantizer
     from transformers.quantizers.quantizer_bnb_8bit import Bnb8BitHfQuantizer
 
-    if bits == 4:
+    if quant.bits == 4:
         quantizer = Bnb4BitHfQuantizer(BitsAndBytesConfig(
-            load_in_4bit=True, bnb_4bit_quant_type=quant_type, bnb_4bit_use_double_quant=double_quant))
+            load_in_4bit=True, bnb_4bit_quant_type=quant.type, bnb_4bit_use_double_quant=quant.double_quant))
     else:
         quantizer = Bnb8BitHfQuantizer(BitsAndBytesConfig(load_in_8bit=True))
     quantizer._process_model_before_weight_loading(model, device_map=None)
 
 
-def _inject_lora(model: nn.Module, spec: ModelSpec, r: int, targets: tuple[str, ...]) -> nn.Module:
-    """PEFT's real LoRA injection. DoRA is injected as plain LoRA: its init needs real weights (a norm per row),
-    and its only extra parameter is one magnitude per output row of each adapted linear, counted by the caller.
-    An unknown target is an error here, as PEFT would raise it at training time."""
+def _inject_lora(model: nn.Module, spec: ModelSpec, counted: Counted) -> nn.Module:
+    """PEFT's real LoRA injection, with the task training uses (SEQ_CLS makes PEFT train a value head in full).
+    DoRA is injected as plain LoRA: its init needs real weights (a norm per row), and its only extra parameter is one
+    magnitude per output row of each adapted linear, counted by the caller. An unknown target is an error here, as
+    PEFT would raise it at training time."""
     from peft import LoraConfig, get_peft_model
 
-    present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
-    missing = [t for t in targets if t not in present]
-    if missing:
-        raise UserError(f"lora.targets: {', '.join(missing)} not found in {spec.name} (its native module names "
-                        f"include {', '.join(spec.family.lora_targets)})")
-    config = LoraConfig(r=r, target_modules=list(targets), task_type="CAUSAL_LM")
+    targets = counted.lora_targets
+    if not isinstance(targets, str):
+        present = {name.rsplit(".", 1)[-1] for name, _ in model.named_modules()}
+        missing = [t for t in targets or () if t not in present]
+        if missing:
+            raise UserError(f"lora.targets: {', '.join(missing)} not found in {spec.name} (its native module names "
+                            f"include {', '.join(spec.family.lora_targets)})")
+        targets = list(targets or ())
+    config = LoraConfig(r=counted.lora_r, target_modules=targets,
+                        task_type="SEQ_CLS" if counted.head == "value" else "CAUSAL_LM")
     return get_peft_model(model, config, low_cpu_mem_usage=True)
 
 
@@ -123,42 +129,58 @@ class _Base:
     inputs: dict[str, tuple[int, str]]
 
 
-_BASES: dict[str, _Base] = {}
+_BASES: dict[tuple[str, Head], _Base] = {}
 
 
-def _base(spec: ModelSpec, key: str) -> _Base:
-    """Built once per model and process: `finetune recommend` counts three methods of every model."""
-    if key not in _BASES:
-        model = meta_model(spec)
+def _meta_model(spec: ModelSpec, head: Head) -> nn.Module:
+    """The native model on the meta device with the head training loads: a reward model is the family's
+    *ForSequenceClassification with one label (finetune.train.model.load_model)."""
+    if head == "causal_lm":
+        return meta_model(spec)
+    from transformers import AutoModelForSequenceClassification
+
+    cfg = native_config(spec)
+    if type(cfg) not in AutoModelForSequenceClassification._model_mapping:
+        raise UserError(f"stage=rm: {spec.name} ({type(cfg).__name__}) has no sequence-classification class in "
+                        f"transformers, so it cannot get a value head")
+    cfg.num_labels = 1  # what from_pretrained(num_labels=1) sets
+    with torch.device("meta"):
+        return AutoModelForSequenceClassification.from_config(cfg)
+
+
+def _base(spec: ModelSpec, key: str, head: Head) -> _Base:
+    """Built once per model, head and process: `finetune recommend` counts three methods of every model."""
+    if (key, head) not in _BASES:
+        model = _meta_model(spec, head)
         blocks = _decoder_blocks(model)
         embedding = model.get_input_embeddings().weight
-        lm_head = model.get_output_embeddings().weight
+        output = model.get_output_embeddings()  # None for a value head: a reward model has no lm_head
         base = dict(
             params_total=sum(p.numel() for p in model.parameters()),
             buffer_bytes=sum(b.numel() * b.element_size() for b in model.buffers()),
             largest_module_params=max(sum(p.numel() for p in m.parameters(recurse=False)) for m in model.modules()),
             embedding_params=embedding.numel(),
-            lm_head_params=0 if lm_head is embedding else lm_head.numel(),
+            lm_head_params=0 if output is None or output.weight is embedding else output.weight.numel(),
             layers=len(blocks),
         )
         del blocks[1:]  # every layer is the same: the rest is counted on one
-        _BASES[key] = _Base(**base, one_layer=model, inputs=_block_inputs(model))
-    return _BASES[key]
+        _BASES[key, head] = _Base(**base, one_layer=model, inputs=_block_inputs(model))
+    return _BASES[key, head]
 
 
-def count(spec: ModelSpec, model_key: str, method: str, lora: Optional[tuple], quant: Optional[tuple],
-          freeze_layers: Optional[int] = None) -> ModelFacts:
+def count(spec: ModelSpec, model_key: str, counted: Counted) -> ModelFacts:
     """Totals come from the whole meta model; quantization and LoRA are applied to a copy cut to one decoder
-    layer, whose per-layer counts are multiplied by the number of layers. `model_key` names the model's config.
-    method=freeze trains `freeze_layers` whole decoder layers and nothing else."""
-    base = _base(spec, model_key)
+    layer, whose per-layer counts are multiplied by the number of layers. `model_key` names the model's config;
+    `counted` is the plan's part that shapes the tree (finetune.plan.ModelPlan.counted). Freezing trains the last
+    `freeze_layers` whole decoder layers and the plan's full modules (a value head), nothing else."""
+    base = _base(spec, model_key, counted.head)
     cfg = native_config(spec)
     layers = base.layers
     one = copy.deepcopy(base.one_layer)
-    if quant:
-        _quantize(one, *quant)
-    if lora:
-        one = _inject_lora(one, spec, lora[0], lora[1])
+    if counted.quant:
+        _quantize(one, counted.quant)
+    if counted.trains == "adapter":
+        one = _inject_lora(one, spec, counted)
     block = _decoder_blocks(one)[0]
     in_block = {id(x) for x in (*block.parameters(), *block.modules())}
 
@@ -170,9 +192,11 @@ def count(spec: ModelSpec, model_key: str, method: str, lora: Optional[tuple], q
                              if type(m).__name__ in ("Linear4bit", "Linear8bitLt")])
     adapted = every_layer([(m, m.get_base_layer().out_features) for m in one.modules() if hasattr(m, "lora_A")])
     trainable = every_layer([(p, tuple(p.shape)) for p in one.parameters() if p.requires_grad])
-    if method == "freeze":
-        trainable = [tuple(p.shape) for p in block.parameters()] * (freeze_layers or 0)
-    magnitudes = [(out,) for out in adapted] if lora and lora[2] else []  # DoRA: one per output row
+    if counted.trains == "last_layers":
+        heads = [tuple(p.shape) for name, module in one.named_modules() if name.split(".")[-1] in counted.full_modules
+                 for p in module.parameters()]
+        trainable = [tuple(p.shape) for p in block.parameters()] * (counted.freeze_layers or 0) + heads
+    magnitudes = [(out,) for out in adapted] if counted.dora else []  # DoRA: one per output row
     adapter = every_layer([(p, p.numel()) for n, p in one.named_parameters() if ".lora_A." in n or ".lora_B." in n])
     return ModelFacts(
         params_total=base.params_total,
@@ -186,7 +210,7 @@ def count(spec: ModelSpec, model_key: str, method: str, lora: Optional[tuple], q
         largest_module_params=base.largest_module_params,
         embedding_params=base.embedding_params,
         lm_head_params=base.lm_head_params,
-        lm_head_trainable=method == "full",
+        lm_head_trainable=counted.trains == "all" and counted.head == "causal_lm",
         trainable_shapes=tuple(trainable + magnitudes),
         layers=layers,
         hidden=cfg.hidden_size,

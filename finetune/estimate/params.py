@@ -1,16 +1,18 @@
 """Exact parameter facts of a recipe's model, counted on the real (meta-device) module tree — never from formulas.
 
 The counting itself (finetune.estimate.meta) builds the native model on the meta device and changes it as training
-does (transformers' bitsandbytes quantizer, PEFT's LoRA injection). It needs torch, transformers, PEFT and
-bitsandbytes, seconds of imports, so its result is cached on disk (finetune.estimate.cache), keyed by everything
-it depends on: the model's config, the method, the LoRA and quantization settings, those libraries' versions and
-our counting code. An estimate whose facts are cached imports none of them. The package ships the entries of every
-shipped recipe and of `recommend` / `list models` (SEED), so a user's first commands count nothing either.
+does, from the same plan training builds from (finetune.plan): transformers' bitsandbytes quantizer, PEFT's LoRA
+injection, the value head of a reward model. It needs torch, transformers, PEFT and bitsandbytes, seconds of
+imports, so its result is cached on disk (finetune.estimate.cache), keyed by everything it depends on: the model's
+config, the plan's counted part (what trains, the LoRA and quantization settings, the head), those libraries'
+versions and our counting code. An estimate whose facts are cached imports none of them. The package ships the
+entries of every shipped recipe and of `recommend` / `list models` (SEED), so a user's first commands count nothing
+either.
 """
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, fields
 from functools import cache as memo
 from importlib import metadata
 from pathlib import Path
@@ -18,83 +20,34 @@ from typing import Any
 
 from finetune.config import Recipe
 from finetune.estimate import cache
+from finetune.estimate.model_facts import Linear, ModelFacts
 from finetune.models.registry import ModelSpec
+from finetune.plan import model_plan
 
 LIBRARIES = ("torch", "transformers", "peft", "bitsandbytes")
 """Whose behaviour decides the counts: the module trees, what the quantizer swaps, what PEFT injects."""
-COUNTING_CODE = ("estimate/params.py", "estimate/meta.py", "models/native.py", "models/baichuan_alibi.py",
-                 "models/convert/*.py")
+COUNTING_CODE = ("estimate/params.py", "estimate/meta.py", "estimate/model_facts.py", "models/native.py",
+                 "models/baichuan_alibi.py", "models/convert/*.py")
 """Our code that shapes the counts, relative to the package: the counting, the native classes and configs."""
 SEED = Path(__file__).resolve().parent / "seed"
 """Read-only entries made by scripts/make_estimate_seed.py, keyed as the user cache's: under other library versions
 or other counting code the key differs and the facts are counted as without a seed, never taken from it."""
 
 
-@dataclass(frozen=True)
-class Linear:
-    """One linear layer of a decoder block: its widths and what training does to it."""
-
-    name: str  # e.g. "self_attn.q_proj"
-    in_features: int
-    out_features: int
-    lora: bool  # a LoRA adapter is injected here
-    group: int  # linears with the same group read the very same input tensor (q/k/v; gate/up)
-    reads: str  # what produces that input: "norm" (the residual stream, normalised), "attention" (the
-    #             attention kernel's output), or "mlp" (the gated activation)
-
-
-@dataclass(frozen=True)
-class ModelFacts:
-    """What the memory model needs to know about one model as one recipe trains it."""
-
-    params_total: int  # parameters of the base model (tied weights once)
-    params_trainable: int  # what the optimizer updates (all for full; the last layers for freeze; adapters
-    # (+ DoRA magnitudes) otherwise)
-    params_adapter: int  # LoRA A/B parameters
-    params_magnitude: int  # DoRA magnitude vectors (kept in fp32 by TRL under QLoRA)
-    params_quantized: int  # parameters stored in 4/8 bit (0 unless method=qlora)
-    quantized_numels: tuple[int, ...]  # per quantized weight tensor (each carries its own constants)
-    quantized_rows: int  # sum of out_features of quantized linears (LLM.int8 keeps one fp32 scale per row)
-    buffer_bytes: int  # buffers (rotary inv_freq ...), in their own dtypes
-    largest_module_params: int  # the largest leaf module: what ZeRO-3/FSDP must gather at once
-    embedding_params: int  # input embedding (its gradient under full fine-tuning is dense)
-    lm_head_params: int  # output projection (its fp32 gradient buffer in the fused loss)
-    lm_head_trainable: bool
-    trainable_shapes: tuple[tuple[int, ...], ...]  # per trainable tensor (Adafactor factors by rows and columns)
-    layers: int
-    hidden: int
-    intermediate: int
-    heads: int
-    kv_heads: int
-    head_dim: int
-    vocab: int
-    block_linears: tuple[Linear, ...]  # the linears of one decoder block (every block is the same)
-    attention_mask_per_head: bool  # the model builds an additive [batch, heads, s, s] mask (ALiBi)
-
-
-def lora_targets(recipe: Recipe, spec: ModelSpec) -> tuple[str, ...]:
-    """The module names LoRA goes into: the recipe's, or the family default from the registry."""
-    return tuple(recipe.lora.targets) or spec.family.lora_targets
-
-
 def facts(recipe: Recipe, spec: ModelSpec) -> ModelFacts:
     """Exact counts and shapes for this recipe's model and method: from this process's memory, else from the disk
     cache, else from the package's seed, else counted on the meta device (and cached). The key holds what the
-    count is given — the model's config and the one `settings` tuple of recipe values that shape the tree — plus
-    the library versions and our code."""
-    lora = (recipe.lora.r, lora_targets(recipe, spec), recipe.lora.dora) if recipe.method in ("lora", "qlora") \
-        else None
-    quant = (recipe.quant.bits, recipe.quant.type, recipe.quant.double_quant) if recipe.method == "qlora" else None
-    freeze = (recipe.freeze.layers,) if recipe.method == "freeze" else ()  # no new key for the other methods
-    settings = (recipe.method, lora, quant, *freeze)
+    count is given — the model's config and the plan's `Counted` part (finetune.plan: head, what trains, LoRA rank,
+    targets and DoRA, quantization), the very object the count reads — plus the library versions and our code."""
+    counted = model_plan(recipe, spec).counted()
     model = cache.key(spec.original_config, spec.family.name, _environment())
-    entry = cache.key(model, *settings)
+    entry = cache.key(model, asdict(counted))
     if entry not in _MEMO:
         found = _from_json(cache.load("estimate", spec.name, entry, seed=SEED))
         if found is None:
-            from finetune.estimate import meta
+            from finetune.estimate import meta  # torch, transformers, PEFT, bitsandbytes: only when counting
 
-            found = meta.count(spec, model, *settings)
+            found = meta.count(spec, model, counted)
             cache.store("estimate", spec.name, entry, asdict(found))
         _MEMO[entry] = found
     return _MEMO[entry]

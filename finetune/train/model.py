@@ -3,6 +3,9 @@
 freeze (full weights, only the last freeze.layers decoder layers train), and the LoRA adapter TRL attaches to it
 (rsLoRA scaling, PiSSA / OLoRA / Gaussian init). Every stage loads its model through here; stage=rm loads it with
 a one-output value head (AutoModelForSequenceClassification) instead of the language-model head.
+
+What to build is decided by finetune.plan (the estimator and the memory benchmark build from the same plan); this
+module turns the plan into transformers' and PEFT's objects.
 """
 
 from __future__ import annotations
@@ -16,16 +19,18 @@ from transformers import AutoModelForCausalLM, AutoModelForSequenceClassificatio
 
 import finetune.models.native  # noqa: F401  (registers our native classes, e.g. Baichuan2-13B's ALiBi model)
 from finetune.config import Recipe
-from finetune.engines import ENGINES
 from finetune.errors import UserError
 from finetune.models.registry import ModelSpec
+from finetune.plan import ModelPlan, StorageDtype, model_plan
 from finetune.schema import LoraInit, Precision, trains_weights
 
 if TYPE_CHECKING:
     from finetune.train.session import Session
 
 DTYPES: dict[Precision, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
-"""train.precision and quant.compute_dtype → torch dtype."""
+"""train.precision and quant.compute_dtype (and the plan's dtypes, named the same) → torch dtype."""
+STORAGE: dict[StorageDtype, torch.dtype] = {"uint8": torch.uint8, **DTYPES}
+"""The plan's quant_storage → torch dtype."""
 
 CPU_4BIT_BLOCK = 32
 """bitsandbytes' CPU 4-bit kernels (used on CPUs with AVX512-bf16/AMX) repack each weight in blocks of 32 output
@@ -38,35 +43,38 @@ def load_model(session: Session, path: Optional[Path] = None) -> torch.nn.Module
     recipe, where = session.recipe, session.launch
     if recipe.train.attn_implementation == "flash_attention_2" and where.use_cpu:
         raise UserError("train.attn_implementation=flash_attention_2 needs a CUDA GPU; use sdpa on CPU")
+    plan = model_plan(recipe, session.spec)
     kwargs: dict[str, Any] = {"attn_implementation": recipe.train.attn_implementation,
-                              "trust_remote_code": session.trust_remote_code}
-    if recipe.stage == "rm":
+                              "trust_remote_code": session.trust_remote_code, "dtype": DTYPES[plan.load_dtype]}
+    if plan.head == "value":
         kwargs["num_labels"] = 1  # the value head: one scalar reward per sequence
-    if recipe.method == "qlora":
-        compute = DTYPES[recipe.quant.compute_dtype]
-        sharded = ENGINES[recipe.distributed].shards_weights  # FSDP/ZeRO-3 shard the 4-bit storage as this dtype
-        kwargs["quantization_config"] = BitsAndBytesConfig(
-            load_in_4bit=recipe.quant.bits == 4, load_in_8bit=recipe.quant.bits == 8,
-            bnb_4bit_quant_type=recipe.quant.type, bnb_4bit_use_double_quant=recipe.quant.double_quant,
-            bnb_4bit_compute_dtype=compute, bnb_4bit_quant_storage=compute if sharded else torch.uint8)
-        kwargs.update(dtype=compute, device_map=None if sharded else {"": where.device})
-    else:
-        # fp16 mixed precision needs fp32 master weights (its gradient scaler refuses fp16 ones)
-        kwargs["dtype"] = torch.float32 if recipe.train.precision == "fp16" and trains_weights(recipe.method) \
-            else DTYPES[recipe.train.precision]
-    auto = AutoModelForSequenceClassification if recipe.stage == "rm" else AutoModelForCausalLM
+    if plan.quant:
+        kwargs.update(quantization_config=bnb_config(plan),
+                      device_map=None if plan.shards_weights else {"": where.device})
+    auto = AutoModelForSequenceClassification if plan.head == "value" else AutoModelForCausalLM
     model = auto.from_pretrained(path or session.model.path, **kwargs)
-    if recipe.method == "freeze":
-        freeze_all_but_last(model, recipe.freeze.layers, keep=("score",) if recipe.stage == "rm" else ())
-    if recipe.method == "qlora" and recipe.quant.bits == 4 and where.use_cpu:
+    if plan.trains == "last_layers":
+        freeze_all_but_last(model, plan.freeze_layers or 0, keep=plan.full_modules)
+    if plan.quant and plan.quant.bits == 4 and where.use_cpu:
         check_cpu_4bit_widths(model)
-    if recipe.method == "qlora" and recipe.quant.upcast:
+    if plan.upcast:
         # What LLaMA-Factory and the Qwen / ChatGLM QLoRA scripts do: embeddings, lm_head and norms (and with them the
         # residual stream) in fp32, ~4 GiB more for a 7B with a 152k vocabulary. Off by default: TRL already enables
         # input gradients for checkpointing and keeps the adapters in bf16, as the QLoRA paper and torchtune do. The
         # trainer enables checkpointing itself, with the recipe's setting.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     return model
+
+
+def bnb_config(plan: ModelPlan) -> BitsAndBytesConfig:
+    """The plan's quantization as transformers' bitsandbytes config: 4-bit weights packed into uint8, or into the
+    compute dtype when FSDP / ZeRO-3 shard them (they shard float storage only)."""
+    quant = plan.quant
+    assert quant is not None, "bnb_config is for method=qlora"
+    return BitsAndBytesConfig(
+        load_in_4bit=quant.bits == 4, load_in_8bit=quant.bits == 8, bnb_4bit_quant_type=quant.type,
+        bnb_4bit_use_double_quant=quant.double_quant, bnb_4bit_compute_dtype=DTYPES[plan.compute_dtype],
+        bnb_4bit_quant_storage=STORAGE[plan.quant_storage])
 
 
 def check_cpu_4bit_widths(model: torch.nn.Module) -> None:
@@ -109,15 +117,20 @@ changes in memory); session.save_weights converts the adapter back so that it ap
 
 
 def lora_config(recipe: Recipe, spec: Optional[ModelSpec]) -> Optional[LoraConfig]:
-    """The adapter TRL attaches (None for full and freeze fine-tuning); empty targets mean the family's defaults.
-    A reward model's adapter is a SEQ_CLS one: PEFT then trains and saves the new value head (`score`) in full."""
-    if trains_weights(recipe.method):
+    """The adapter TRL attaches (None for full and freeze fine-tuning)."""
+    return peft_config(model_plan(recipe, spec))
+
+
+def peft_config(plan: ModelPlan) -> Optional[LoraConfig]:
+    """The plan's adapter as PEFT's config. A reward model's adapter is a SEQ_CLS one: PEFT then trains and saves
+    the new value head (`score`) in full."""
+    lora = plan.lora
+    if lora is None:
         return None
-    targets = list(recipe.lora.targets) or (list(spec.family.lora_targets) if spec else "all-linear")
-    return LoraConfig(r=recipe.lora.r, lora_alpha=recipe.lora.alpha, lora_dropout=recipe.lora.dropout,
-                      target_modules=targets, use_dora=recipe.lora.dora, use_rslora=recipe.lora.rslora,
-                      init_lora_weights=INIT[recipe.lora.init],
-                      task_type="SEQ_CLS" if recipe.stage == "rm" else "CAUSAL_LM")
+    targets = lora.targets if isinstance(lora.targets, str) else list(lora.targets)
+    return LoraConfig(r=lora.r, lora_alpha=lora.alpha, lora_dropout=lora.dropout, target_modules=targets,
+                      use_dora=lora.dora, use_rslora=lora.rslora, init_lora_weights=INIT[lora.init],
+                      task_type=lora.task_type)
 
 
 LORA_INIT = "lora-init"

@@ -40,17 +40,13 @@ from finetune.models import gguf_base, hub, registry, templates
 from finetune.models.hub import ResolvedModel
 from finetune.models.registry import ModelSpec
 from finetune.rundir import RunDir
-from finetune.schema import Optimizer, trains_weights
+from finetune.plan import OPTIMIZERS
+from finetune.schema import trains_weights
 from finetune.train import callbacks, distributed, report
 from finetune.train.distributed import Launch
 from finetune.train.model import LORA_INIT, converts_init, lora_plus
 
 GIB = 2**30
-
-OPTIMIZERS: dict[Optimizer, str] = {
-    "adamw_torch": "adamw_torch", "adamw_8bit": "adamw_bnb_8bit", "paged_adamw_8bit": "paged_adamw_8bit",
-    "paged_adamw_32bit": "paged_adamw_32bit", "sgd": "sgd", "adafactor": "adafactor"}
-"""recipe train.optimizer → transformers `optim` name (the 8-bit and paged ones are bitsandbytes')."""
 
 TOKENIZER_FILES = ("tokenizer*", "special_tokens_map.json", "added_tokens.json", "chat_template*", "*.tiktoken",
                    "vocab.json", "merges.txt")

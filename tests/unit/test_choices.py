@@ -13,7 +13,7 @@ from finetune.estimate.memory import plan
 from finetune.models import registry
 from finetune.train.distributed import Launch, deepspeed_config, trainer_kwargs
 from finetune.train.model import DTYPES
-from finetune.train.session import OPTIMIZERS
+from finetune.plan import OPTIMIZERS
 
 CHOICE_KEYS = ["hub", "method", "stage", "distributed", "report_to", "data.format", "data.on_bad_record",
                "train.precision", "train.optimizer", "train.scheduler", "train.attn_implementation", "train.logits",

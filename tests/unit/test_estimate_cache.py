@@ -32,9 +32,9 @@ def counts(tmp_path, monkeypatch) -> list[tuple]:
     calls: list[tuple] = []
     real = meta.count
 
-    def counting(spec, model_key, method, lora, quant):
-        calls.append((spec.name, method, lora, quant))
-        return real(spec, model_key, method, lora, quant)
+    def counting(spec, model_key, counted):
+        calls.append((spec.name, counted))
+        return real(spec, model_key, counted)
 
     monkeypatch.setattr(meta, "count", counting)
     return calls
@@ -191,8 +191,8 @@ def test_the_seed_holds_every_entry_the_shipped_recipes_recommend_and_list_model
     monkeypatch.delenv("FINETUNE_RECIPES", raising=False)
     monkeypatch.setattr(params, "_MEMO", {})
 
-    def missing(spec, model_key, method, lora, quant):
-        pytest.fail(f"{spec.name} {spec.variant.name} method={method} lora={lora} quant={quant} is not in "
+    def missing(spec, model_key, counted):
+        pytest.fail(f"{spec.name} {spec.variant.name} {counted} is not in "
                     f"finetune/estimate/seed/ (the counting code, a model config or a recipe's settings changed): "
                     f"run python scripts/make_estimate_seed.py")
 

@@ -15,7 +15,7 @@ from finetune.estimate.params import facts
 from finetune.models import registry
 from finetune.models.native import native_config
 
-PUBLISHED = {  # reference/models.md, and the Qwen2.5 model cards
+PUBLISHED = {  # the parameter counts each model publishes (its model card or paper)
     ("chatglm3_6b", "chat"): 6_243_584_000,
     ("chatglm3_6b", "32k"): 6_243_584_000,
     ("baichuan2_7b", "chat"): 7_505_973_248,

@@ -34,7 +34,10 @@ def test_reference_models_cost_a_copy_only_for_full_weights(stage):
 
 @pytest.mark.parametrize("stage", ["orpo", "simpo", "rm"])
 def test_reference_free_stages_hold_no_copy(stage):
-    assert _plan("method=full", f"stage={stage}").phases["load"] == _plan("method=full").phases["load"]
+    def beyond_one_copy(p):  # weights loaded beyond one bf16 copy of the model's own parameters (rm's has a value
+        return p.phases["load"]["weights"] - 2 * p.params_total  # head instead of the LM head): the buffers alone
+
+    assert beyond_one_copy(_plan("method=full", f"stage={stage}")) == beyond_one_copy(_plan("method=full"))
 
 
 def test_grpo_holds_generation_buffers_and_a_reference_only_with_a_kl_penalty():
