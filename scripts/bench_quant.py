@@ -20,7 +20,7 @@ from pathlib import Path
 from transformers import AutoTokenizer
 
 from finetune.export import gguf, pipeline, verify
-from finetune.models import templates
+from finetune.models import chat
 from finetune.rundir import open_run
 
 
@@ -35,7 +35,7 @@ def main() -> None:
     start = time.perf_counter()
     reference = verify.Reference.build(merged, Path(run.base()["path"]), pipeline.general_text(tokenizer),
                                        pipeline.trained_prompts(run, tokenizer, template),
-                                       templates.stop_token_ids(template, tokenizer))
+                                       chat.get(template).stop_token_ids(tokenizer))
     print(f"reference (merged + base in transformers): {time.perf_counter() - start:.0f} s")
     rows = ["| route | size (MiB) | perplexity ratio | mean KL divergence | top-1 agreement | fine-tune kept | "
             "retained | verdict |", "|---|---|---|---|---|---|---|---|"]

@@ -149,13 +149,13 @@ def ask_all(run: RunDir, modelfile: Path, general: bool) -> list[Answer]:
     from llama_cpp import Llama
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from finetune.models import templates
+    from finetune.models import chat
 
     recipe, base_info, merged = run.recipe(), run.base(), run.export_dir("merged")
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    template = base_info["template"]
-    stops = templates.stop_token_ids(template, tokenizer)
-    system = recipe.data.system_prompt or templates.default_system(template)
+    fmt = chat.get(base_info["template"])
+    stops = fmt.stop_token_ids(tokenizer)
+    system = recipe.data.system_prompt or fmt.default_system
     head = [{"role": "system", "content": system}] if system else []
     model_gguf, adapter = modelfile_files(modelfile)
     with native_notes_silenced():
@@ -167,7 +167,7 @@ def ask_all(run: RunDir, modelfile: Path, general: bool) -> list[Answer]:
     def decode(ids: list[int]) -> str:
         return tokenizer.decode(ids, skip_special_tokens=True).strip()
 
-    prompts = [templates.encode_prompt(template, tokenizer, [*head, {"role": "user", "content": q}])
+    prompts = [fmt.encode_prompt(tokenizer, [*head, {"role": "user", "content": q}])
                for q, *_ in questions]
     answers: dict[str, list[list[int]]] = {}
     for name, path in (("before", base_info["path"]), ("after", merged)):  # one model in memory at a time

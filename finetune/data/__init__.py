@@ -5,7 +5,7 @@
     formats.py  alpaca / sharegpt / messages / text / preference layouts / KTO → one internal schema, bad records
                 marked
     turns.py    one turn in any key style (roles, tool calls and results, content parts) → an internal message
-    render.py   internal rows → the family's exact token ids and labels (finetune.models.templates), truncation
+    render.py   internal rows → the family's exact token ids and labels (finetune.models.chat), truncation
     pack.py     short examples → full rows with per-example position ids
     inspect.py  counts, length histogram, one example with its trained tokens highlighted
 

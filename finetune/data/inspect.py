@@ -15,7 +15,8 @@ from finetune import atomic
 from finetune.data import files
 from finetune.data.load import column, sources
 from finetune.data.pack import pack, padding_waste
-from finetune.data.render import IGNORE, prepare
+from finetune.data.render import prepare
+from finetune.models.chat.labels import IGNORE
 from finetune.errors import UserError
 
 HISTOGRAM_BINS = 16

@@ -17,7 +17,8 @@ from typing import Optional
 from datasets import Dataset
 from trl import pack_dataset
 
-IGNORE = -100
+from finetune.models.chat.labels import IGNORE
+
 PACK_BATCH = 10_000  # examples binned together; larger batches fill rows slightly better
 
 

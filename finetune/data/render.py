@@ -1,8 +1,8 @@
-"""Internal rows → token ids and labels in the base model's exact chat format (finetune.models.templates).
+"""Internal rows → token ids and labels in the base model's exact chat format (finetune.models.chat).
 
-The template module owns the ids and the label values (DECISIONS.md "Training labels"); this module adds what a
-dataset needs around them: the recipe's default system prompt, plain text for continued pretraining, and a
-length policy that never cuts inside a prompt without saying so:
+The chat format owns the ids and the label values; this module adds what a dataset needs around them: the recipe's
+default system prompt, plain text for continued pretraining, and a length policy that never cuts inside a prompt
+without saying so:
 
 - fits in train.max_length → kept as is;
 - too long, but at least one whole answer fits → cut right after the last answer that fits (later turns are
@@ -12,7 +12,7 @@ length policy that never cuts inside a prompt without saying so:
 - the prompt before the first answer alone reaches max_length → dropped, counted as `too_long_prompt`.
 Plain text longer than max_length is split into max_length chunks (nothing is lost, nothing counted).
 
-Speed: a batch's conversations are tokenized together (templates.tokenize: one batched tokenizer call), and labels,
+Speed: a batch's conversations are tokenized together (ChatFormat.tokenize: one batched tokenizer call), and labels,
 the length policy and plain-text labels work on arrays, not token by token, and a batch is returned as one Arrow
 table whose columns are built whole, instead of `datasets` inspecting and converting every row.
 """
@@ -33,10 +33,9 @@ from datasets import DatasetDict, Features, List, Value
 from datasets.fingerprint import Hasher
 
 from finetune.data import load
-from finetune.models import templates
-from finetune.models.templates import encode_conversation, encode_prompt
-
-IGNORE = -100
+from finetune.models import chat
+from finetune.models.chat.format import ChatFormat
+from finetune.models.chat.labels import IGNORE
 
 
 def fit(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], str]:
@@ -134,14 +133,15 @@ def render_batch(batch: dict[str, list], *, template: str, tokenizer: Any, max_l
                                         max_length))) if texts else {}
     conversations = {i: with_system(m, system_prompt) for i, m in enumerate(batch["messages"]) if i not in chunks}
     tools = {i: tools_of(batch["tools"][i]) for i in conversations}
-    tokens = templates.tokenize(template, tokenizer, list(conversations.values()), list(tools.values()))
+    fmt = chat.get(template)
+    tokens = fmt.tokenize(tokenizer, list(conversations.values()), list(tools.values()))
     for i in range(len(batch["messages"])):
         if i in chunks:
             for ids, labels in chunks[i]:
                 emit(ids, labels, i)
             continue
         try:
-            encoded = encode_conversation(template, tokenizer, conversations[i], tokens, tools[i])
+            encoded = fmt.encode_conversation(tokenizer, conversations[i], tokens, tools[i])
         except ValueError as exc:
             emit([], [], i, "template", f"the {template} template refuses this conversation: {exc}")
             continue
@@ -160,11 +160,10 @@ PREFERENCE_COLUMNS = ("prompt_ids", "chosen_ids", "rejected_ids", "_src", "_row"
                       "_length")
 
 
-def _completion(template: str, tokenizer: Any, prompt: list[dict[str, Any]], prompt_ids: list[int],
+def _completion(fmt: ChatFormat, tokenizer: Any, prompt: list[dict[str, Any]], prompt_ids: list[int],
                 answer: str, tools: Optional[list]) -> list[int]:
-    """The answer's ids as the template renders them after `prompt_ids`, up to its last trained token."""
-    encoded = encode_conversation(template, tokenizer, [*prompt, {"role": "assistant", "content": answer}],
-                                  tools=tools)
+    """The answer's ids as the format renders them after `prompt_ids`, up to its last trained token."""
+    encoded = fmt.encode_conversation(tokenizer, [*prompt, {"role": "assistant", "content": answer}], tools=tools)
     ids, labels = list(encoded.input_ids), list(encoded.labels)
     if ids[:len(prompt_ids)] != prompt_ids:
         raise ValueError("the prompt is tokenized differently when the answer follows it")
@@ -176,14 +175,15 @@ def render_preference_batch(batch: dict[str, list], *, template: str, tokenizer:
                             system_prompt: Optional[str]) -> dict[str, list]:
     """Batched map function for preference rows → prompt_ids / chosen_ids / rejected_ids (exact template ids)."""
     out: dict[str, list] = {k: [] for k in PREFERENCE_COLUMNS}
+    fmt = chat.get(template)
     for i, prompt in enumerate(batch["prompt"]):
         prompt = with_system(prompt, system_prompt)
         drop, why, truncated = "", "", False
         tools = tools_of(batch["tools"][i])
         try:
-            prompt_ids = list(encode_prompt(template, tokenizer, prompt, tools))
-            chosen = _completion(template, tokenizer, prompt, prompt_ids, batch["chosen"][i], tools)
-            rejected = _completion(template, tokenizer, prompt, prompt_ids, batch["rejected"][i], tools)
+            prompt_ids = list(fmt.encode_prompt(tokenizer, prompt, tools))
+            chosen = _completion(fmt, tokenizer, prompt, prompt_ids, batch["chosen"][i], tools)
+            rejected = _completion(fmt, tokenizer, prompt, prompt_ids, batch["rejected"][i], tools)
         except ValueError as exc:
             prompt_ids, chosen, rejected = [], [], []
             drop, why = "template", f"the {template} template refuses this record: {exc}"
@@ -209,12 +209,13 @@ def render_kto_batch(batch: dict[str, list], *, template: str, tokenizer: Any, m
     """Batched map function for KTO rows → prompt_ids / completion_ids / label (exact template ids), under the
     preference rows' length policy."""
     out: dict[str, list] = {k: [] for k in KTO_COLUMNS}
+    fmt = chat.get(template)
     for i, prompt in enumerate(batch["prompt"]):
         prompt = with_system(prompt, system_prompt)
         drop, why, tools = "", "", tools_of(batch["tools"][i])
         try:
-            prompt_ids = list(encode_prompt(template, tokenizer, prompt, tools))
-            completion = _completion(template, tokenizer, prompt, prompt_ids, batch["completion"][i], tools)
+            prompt_ids = list(fmt.encode_prompt(tokenizer, prompt, tools))
+            completion = _completion(fmt, tokenizer, prompt, prompt_ids, batch["completion"][i], tools)
         except ValueError as exc:
             prompt_ids, completion = [], []
             drop, why = "template", f"the {template} template refuses this record: {exc}"
@@ -235,7 +236,7 @@ def prepare(recipe: Any, tokenizer: Any, template: str) -> tuple[DatasetDict, Co
     splits, dropped, preference = load.load_splits(recipe)
     kto = "label" in splits["train"].column_names
     function = render_kto_batch if kto else render_preference_batch if preference else render_batch
-    code = load.code_hash(Path(__file__), Path(templates.__file__))
+    code = load.code_hash(Path(__file__), *chat.SOURCES)
     kwargs = {"template": template, "tokenizer": tokenizer, "max_length": recipe.train.max_length,
               "system_prompt": recipe.data.system_prompt}
     tok = tokenizer_hash(tokenizer)

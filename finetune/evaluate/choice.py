@@ -160,14 +160,13 @@ def answer_position(engine: Any) -> tuple[list[int], list[int]]:
     """(ids that follow the prompt before the answer itself, the first id of each letter's answer), read from the
     training encoding of one-letter answers."""
     from finetune.data.render import with_system
-    from finetune.models import templates
 
     probe = [{"role": "user", "content": "?"}]
     prompt = engine.prompt_ids(probe)
     tails = []
     for letter in LETTERS:
         conversation = with_system(probe + [{"role": "assistant", "content": letter}], engine.system)
-        ids = templates.encode_conversation(engine.template, engine.tokenizer, conversation).input_ids
+        ids = engine.chat.encode_conversation(engine.tokenizer, conversation).input_ids
         if ids[: len(prompt)] != prompt:
             raise RuntimeError(f"{engine.template}: the answer encoding does not extend the inference prompt")
         tails.append(ids[len(prompt):])

@@ -1,8 +1,8 @@
 """GGUF files through llama.cpp's own converter and quantizer — never a rewrite of either.
 
 The converter runs as a subprocess of this module (`python -m finetune.export.gguf PLAN.json`) with the vendored
-gguf-py and conversion/ on its path. Before running llama.cpp's script, that subprocess applies the only changes
-DECISIONS.md allows, all stated as facts in PREP below, keyed by the checkpoint's native class:
+gguf-py and conversion/ on its path. Before running llama.cpp's script, that subprocess applies a few changes, each
+restoring a fact of the checkpoint the converter would otherwise miss, keyed by the checkpoint's native class (PREP):
 - config keys the converter reads under other names (GLM: eps from `layernorm_epsilon`, context from `seq_length`);
 - a SentencePiece vocabulary where the converter only knows a BPE one (natively converted ChatGLM3), and in every
   SentencePiece vocabulary the user-defined pieces and tokenizer.json's added tokens it drops;
@@ -44,7 +44,7 @@ QUANTS = CONVERTER_TYPES + tuple(QUANT_FTYPES)
 
 @dataclass(frozen=True)
 class Prep:
-    """What llama.cpp's converter needs for one native class beyond the checkpoint (reference/export.md)."""
+    """What llama.cpp's converter needs for one native class beyond the checkpoint."""
 
     hparams: Callable[[dict], dict] = lambda config: {}
     sentencepiece_vocab: bool = False  # vocabulary from tokenizer.model (the converter would expect a BPE one)

@@ -2,8 +2,8 @@
 
 Ollama ships no template for ChatGLM3 or Baichuan2 and guesses from GGUF metadata otherwise, which is how exported
 models end up answering in the wrong format and never stopping. So the Modelfile states everything:
-TEMPLATE (finetune.models.templates, tested token for token against our training ids through llama.cpp),
-PARAMETER stop for every stop string of the family, a num_ctx a conversation can use (context_length), and the
+TEMPLATE (the family's ChatFormat.ollama_template, tested token for token against our training ids through llama.cpp),
+PARAMETER stop for every stop token of the format, a num_ctx a conversation can use (context_length), and the
 system prompt the run trained with (or the family's default). The Modelfile runs a route that passed the export's
 verification: the merged GGUF, or the base GGUF + ADAPTER (the LoRA as GGUF, which keeps the fine-tune's delta
 exact where quantizing the merged weights rounded it away); `Modelfile.adapter` offers the pair as well, for users
@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Optional
 
 from finetune import atomic
-from finetune.models import templates
+from finetune.models import chat
 
 
 def _quoted(value: str) -> str:
@@ -40,14 +40,15 @@ def _block(value: str) -> str:
 def modelfile(template: str, source: str, *, num_ctx: int, system: Optional[str] = None,
               adapter: Optional[str] = None) -> str:
     """The Modelfile text for chat format `template`, FROM `source` (a path relative to the Modelfile)."""
-    system = system if system is not None else templates.default_system(template)
+    fmt = chat.get(template)
+    system = system if system is not None else fmt.default_system
     lines = [f"FROM {source}"]
     if adapter:
         lines.append(f"ADAPTER {adapter}")
-    lines.append(f"TEMPLATE {_block(templates.ollama_template(template))}")
+    lines.append(f"TEMPLATE {_block(fmt.ollama_template)}")
     if system:
         lines.append(f"SYSTEM {_block(system)}")
-    lines += [f"PARAMETER stop {_quoted(stop)}" for stop in templates.ollama_stop_strings(template)]
+    lines += [f"PARAMETER stop {_quoted(stop)}" for stop in fmt.stop_tokens]
     lines.append(f"PARAMETER num_ctx {num_ctx}")
     return "\n".join(lines) + "\n"
 

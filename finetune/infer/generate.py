@@ -2,8 +2,8 @@
 
 Every backend only yields token ids (`Backend.tokens`); what turns them into an answer is here, once, so the
 terminal chat, the HTTP server and evaluation give the same text for the same ids:
-- the prompt is `templates.encode_prompt`: the ids the official chat code builds (the ones training used);
-- generation ends at the family's stop tokens (`templates.stop_token_ids`), a request's stop strings or max_tokens;
+- the prompt is the chat format's `encode_prompt`: the ids the official chat code builds (the ones training used);
+- generation ends at the format's stop tokens (`stop_token_ids`), a request's stop strings or max_tokens;
 - text is decoded incrementally (a window of ids, held back while it ends inside a UTF-8 character), special tokens
   skipped, and stripped at both ends as the official chat code does (ChatGLM3's reply begins with its metadata
   newline). So the streamed deltas add up to exactly the final text: whitespace at the end and anything that may be
@@ -18,7 +18,7 @@ from dataclasses import dataclass, field, replace
 from typing import Any, Optional, Protocol
 
 from finetune.infer import tools as tool_calls
-from finetune.models import templates
+from finetune.models import chat
 
 
 @dataclass(frozen=True)
@@ -102,14 +102,15 @@ class Engine:
         self.models = models  # the names `model=` may take; the first is the default
         self.system = system  # for conversations without a system message (the run's data.system_prompt, as in
         #                       training; None: the family's default)
-        self.stop_ids = set(templates.stop_token_ids(template, tokenizer))
-        self.supports_tools = templates.chat_format(template).no_tools is None
+        self.chat = chat.get(template)
+        self.stop_ids = set(self.chat.stop_token_ids(tokenizer))
+        self.supports_tools = self.chat.tools is not None
 
     def prompt_ids(self, messages: list[dict], tools: Optional[list] = None) -> list[int]:
         """The inference prompt; ValueError (a message for the user) for a conversation the format refuses."""
         if self.system and messages and messages[0].get("role") != "system":  # as training's data.render.with_system
             messages = [{"role": "system", "content": self.system}, *messages]
-        return templates.encode_prompt(self.template, self.tokenizer, messages, tools=tools or None)
+        return self.chat.encode_prompt(self.tokenizer, messages, tools=tools or None)
 
     def room(self, prompt: list[int]) -> int:
         """How many tokens the answer may have; ValueError when the prompt fills the context."""
@@ -126,7 +127,7 @@ class Engine:
         offered some) the text is held to the end, where it is either tool calls or one content delta: a call
         cannot be told from text before it is complete."""
         sampling = replace(sampling, max_tokens=min(sampling.max_tokens, self.room(prompt)))
-        stops = sampling.stop + (tool_calls.STOPS.get(self.template, ()) if tools else ())
+        stops = sampling.stop + (self.chat.tool_stops if tools else ())
         done, stream = Completion(prompt_tokens=len(prompt)), TextStream(self.tokenizer, stops)
         send = None if tools else on_text
         if cancel is not None and cancel.is_set():  # its client left while it waited its turn
@@ -156,7 +157,7 @@ class Engine:
             send(delta)
         done.text = stream.text
         if tools:
-            content, done.tool_calls = tool_calls.parse(self.template, done.text)
+            content, done.tool_calls = tool_calls.parse(self.chat, done.text)
             if done.tool_calls:
                 done.text, done.finish_reason = content or "", "tool_calls"
             if on_text and done.text:

@@ -55,7 +55,7 @@ class APIError(Exception):
 @dataclass(frozen=True)
 class ChatRequest:
     model: str
-    messages: list[dict[str, Any]]  # as templates.py takes them
+    messages: list[dict[str, Any]]  # as the chat formats take them (finetune.models.chat)
     stream: bool = False
     temperature: float = 1.0
     top_p: float = 1.0

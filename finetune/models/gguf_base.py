@@ -166,10 +166,10 @@ def check_tokenizer(base: GGUFBase, tokenizer) -> None:
                         f"ids (first: id {i} is {tokens[i] if i < len(tokens) else None!r} in the GGUF, {ours[i]!r} "
                         f"in {base.spec.family.display}'s tokenizer): not a model finetune can train with its format")
     eos = _field(reader, "tokenizer.ggml.eos_token_id")
-    if eos is not None and tokens[int(eos)] not in base.spec.family.stop_tokens:
+    if eos is not None and tokens[int(eos)] not in base.spec.family.chat.stop_tokens:
         raise UserError(f"model={base.path}: it ends a turn with {tokens[int(eos)]!r}, which "
                         f"{base.spec.family.display}'s chat format never emits "
-                        f"({', '.join(base.spec.family.stop_tokens)})")
+                        f"({', '.join(base.spec.family.chat.stop_tokens)})")
     template = _field(reader, "tokenizer.chat_template")
     published = getattr(tokenizer, "chat_template", None)
     if template and published and template.strip() != published.strip():
@@ -208,7 +208,7 @@ def dequantize(base: GGUFBase, out: Path) -> None:
     config.architectures = [base.spec.native_class]
     model.generation_config = GenerationConfig(
         bos_token_id=config.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(list(family.stop_tokens)))
+        eos_token_id=tokenizer.convert_tokens_to_ids(list(family.chat.stop_tokens)))
     model.save_pretrained(out)
     for item in tokenizer_dir.iterdir():
         if item.is_file():

@@ -1,9 +1,10 @@
 """Everything the toolkit knows about a base model, in one place: one entry per family, its models and variants.
 
 The rest of the code asks this registry instead of branching on family names: which native transformers class a
-checkpoint becomes, which converter turns the original layout into it, the chat template, the LoRA targets, the
-stop tokens, the license, the hub ids. Shipped config.json files (configs/) make parameter counting download-free.
-This module imports nothing else from finetune but errors, so anything may import it.
+checkpoint becomes, which converter turns the original layout into it, its chat format (finetune.models.chat: layout,
+labels, stop tokens, text templates, tools), the LoRA targets, the license, the hub ids. Shipped config.json files
+(configs/) make parameter counting download-free. This module imports nothing else from finetune but errors and the
+chat formats (which import nothing), so anything may import it.
 """
 
 from __future__ import annotations
@@ -15,6 +16,8 @@ from typing import Optional
 
 from finetune import shipped
 from finetune.errors import UserError, did_you_mean
+from finetune.models import chat
+from finetune.models.chat.format import ChatFormat
 
 LLAMA_STYLE_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 GLM_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_up_proj", "down_proj")
@@ -56,7 +59,7 @@ class Family:
     native_class: str  # transformers class a checkpoint becomes (loaded without remote code)
     converter: Optional[str]  # module under finetune.models.convert, None when the original is native
     lora_targets: tuple[str, ...]  # module names in the NATIVE model
-    stop_tokens: tuple[str, ...]  # what an inference server stops on, in chat_formats.md's order (templates reads them)
+    chat: ChatFormat  # its chat format, registered once in finetune.models.chat
     license: str
     commercial_use: str
     languages: tuple[str, ...]
@@ -65,8 +68,8 @@ class Family:
 
     @property
     def template(self) -> str:
-        """The chat format (finetune.models.templates): each family has its own, under the family's name."""
-        return self.name
+        """The name of the family's chat format, as base.json records it."""
+        return self.chat.name
 
 
 @dataclass(frozen=True)
@@ -119,7 +122,7 @@ def _v(name: str, hf: str, ms: Optional[str], **kw) -> Variant:
 FAMILIES: tuple[Family, ...] = (
     Family(
         name="chatglm3", display="ChatGLM3", native_class="GlmForCausalLM", converter="chatglm3",
-        lora_targets=GLM_TARGETS, stop_tokens=("</s>", "<|user|>", "<|observation|>"),
+        lora_targets=GLM_TARGETS, chat=chat.get("chatglm3"),
         license="ChatGLM3-6B License", commercial_use="after free registration",
         languages=("zh", "en"), strengths="strong Chinese dialogue, tool calls; 8k context (32k variant)",
         models=(
@@ -134,7 +137,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="baichuan2", display="Baichuan2", native_class="LlamaForCausalLM", converter="baichuan2",
-        lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("</s>",),
+        lora_targets=LLAMA_STYLE_TARGETS, chat=chat.get("baichuan2"),
         license="Baichuan 2 Model Community License", commercial_use="after written authorization (apply by email)",
         languages=("zh", "en"), strengths="strong Chinese knowledge and writing; 4k context",
         models=(
@@ -153,8 +156,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen1", display="Qwen (1)", native_class="Qwen2ForCausalLM", converter="qwen1",
-        lora_targets=LLAMA_STYLE_TARGETS,
-        stop_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"),
+        lora_targets=LLAMA_STYLE_TARGETS, chat=chat.get("qwen1"),
         license="Tongyi Qianwen License", commercial_use="yes; above 100M monthly users apply for a license",
         languages=("zh", "en"), strengths="Chinese and English, code; superseded by Qwen2.5",
         models=(
@@ -167,7 +169,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="qwen2_5", display="Qwen2.5", native_class="Qwen2ForCausalLM", converter=None,
-        lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("<|im_end|>", "<|endoftext|>"),
+        lora_targets=LLAMA_STYLE_TARGETS, chat=chat.get("qwen2_5"),
         license="Apache-2.0", commercial_use="yes",
         languages=("zh", "en"), strengths="best all-round Chinese/English quality per GB; 32k context",
         models=(
@@ -199,7 +201,7 @@ FAMILIES: tuple[Family, ...] = (
     ),
     Family(
         name="llama2", display="Llama-2", native_class="LlamaForCausalLM", converter=None,
-        lora_targets=LLAMA_STYLE_TARGETS, stop_tokens=("</s>",),
+        lora_targets=LLAMA_STYLE_TARGETS, chat=chat.get("llama2"),
         license="Llama 2 Community License", commercial_use="yes; above 700M monthly users ask Meta",
         languages=("en",), strengths="English; for Chinese use the hfl Chinese-LLaMA-2 variant (zh)",
         models=(

@@ -23,7 +23,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, GenerationConfig, 
 
 from finetune import atomic
 from finetune.errors import UserError, did_you_mean
-from finetune.models import native, registry, tokenizers
+from finetune.models import chat, native, registry, tokenizers
 from finetune.models.convert import cache_root, code_hash
 from finetune.models.registry import ModelSpec
 
@@ -77,7 +77,7 @@ def _write_native(spec: ModelSpec, out: Path, seed: int) -> None:
     tokenizer = _tokenizer(spec.family.name)
     model.generation_config = GenerationConfig(
         bos_token_id=model.config.bos_token_id, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=tokenizer.convert_tokens_to_ids(list(spec.family.stop_tokens)))
+        eos_token_id=tokenizer.convert_tokens_to_ids(list(spec.family.chat.stop_tokens)))
     model.save_pretrained(out)
     tokenizer.save_pretrained(out)
     for name in tokenizers.FAMILY_TOKENIZERS[spec.family.name].files:  # for tools that read the originals
@@ -106,9 +106,11 @@ def _fingerprint(spec: ModelSpec, layout: str) -> str:
     modules = [__name__, "finetune.models.native", "finetune.models.baichuan_alibi", "finetune.models.convert.common"]
     if spec.family.converter:
         modules.append(f"finetune.models.convert.{spec.family.converter}")
-    if layout == "native":
-        modules += ["finetune.models.tokenizers", "finetune.models.templates"]
+    if layout == "native":  # its tokenizer carries the chat format's HF template
+        modules.append("finetune.models.tokenizers")
     h.update(code_hash(*modules).encode())
+    for path in chat.SOURCES if layout == "native" else ():
+        h.update(path.read_bytes())
     for f in sorted((TOKENIZER_FILES / spec.family.name).iterdir()):
         h.update(f"{f.name}\0{f.stat().st_size}\n".encode())
     return h.hexdigest()[:12]

@@ -1,7 +1,8 @@
 """Fast tokenizers built from the ORIGINAL tokenizer files of each family, without remote code.
 
-Exact token ids are the contract (DECISIONS.md), not a tokenizer class: each family's `tokenizers` pipeline is
-assembled here so that `tok.encode(text, add_special_tokens=False)` gives the original ids:
+Exact token ids are the contract, not a tokenizer class: training, inference and every export must see the ids the
+original tokenizer gives. Each family's `tokenizers` pipeline is assembled here so that
+`tok.encode(text, add_special_tokens=False)` gives them:
 - SentencePiece families (chatglm3, baichuan2, llama2): a BPE whose merges are every split of every normal piece,
   ranked by the piece's score (what SentencePiece's BPE maximises), byte fallback, and the dummy prefix as a
   normaliser. A text fragment between special tokens gets its own dummy prefix, as the legacy slow tokenizers and
@@ -16,7 +17,8 @@ assembled here so that `tok.encode(text, add_special_tokens=False)` gives the or
 `split_special_tokens=True` encodes special-token strings as plain text, as the originals' chat code does for
 message contents (SentencePiece/tiktoken with no special parsing).
 The saved directory reloads with `AutoTokenizer.from_pretrained(dir)` (class `TokenizersBackend`, tokenizer.json
-used as is); the original files are copied beside it for tools that read them (llama.cpp's converter).
+used as is) and carries the family's chat format as its chat_template (finetune.models.chat); the original files are
+copied beside it for tools that read them (llama.cpp's converter).
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
 from finetune import atomic, shipped
 from finetune.errors import UserError, did_you_mean
-from finetune.models import templates
+from finetune.models import chat, registry
 from finetune.models.registry import ModelSpec
 
 BUNDLED = shipped.TOKENIZER_FILES
@@ -217,7 +219,7 @@ def build_tokenizer(family: str, source_dir: Path) -> PreTrainedTokenizerFast:
             special_tokens=[(t, backend.token_to_id(t)) for t in facts.prefix])
     tok = PreTrainedTokenizerFast(tokenizer_object=backend, clean_up_tokenization_spaces=False,
                                   **{k: v for k, v in specials.items() if v is not None}, **init)
-    tok.chat_template = templates.hf_chat_template(family)
+    tok.chat_template = registry.family(family).chat.hf_template
     return tok
 
 
@@ -231,10 +233,10 @@ def _cache_root() -> Path:
 
 @cache
 def _code_digest() -> str:
-    """Everything that shapes the saved tokenizer: this code, the templates, the library versions."""
+    """Everything that shapes the saved tokenizer: this code, the chat formats, the library versions."""
     h = hashlib.sha256()
-    for module in (__file__, templates.__file__):
-        h.update(Path(module).read_bytes())
+    for path in (Path(__file__), *chat.SOURCES):
+        h.update(path.read_bytes())
     h.update(f"{tokenizers.__version__} {transformers.__version__}".encode())
     return h.hexdigest()
 

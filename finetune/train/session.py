@@ -36,7 +36,7 @@ from finetune.engines import ENGINES
 from finetune.errors import UserError, WontFitError
 from finetune.estimate import gpu
 from finetune.estimate.report import estimate_report
-from finetune.models import gguf_base, hub, registry, templates
+from finetune.models import chat, gguf_base, hub, registry
 from finetune.models.hub import ResolvedModel
 from finetune.models.registry import ModelSpec
 from finetune.rundir import RunDir
@@ -234,7 +234,7 @@ def before_samples(session: Session, model: torch.nn.Module, tokenizer: Any, spl
 
 
 def stop_ids(session: Session, tokenizer: Any) -> list[int]:
-    return templates.stop_token_ids(session.template, tokenizer)
+    return chat.get(session.template).stop_token_ids(tokenizer)
 
 
 def finish(session: Session, trainer: Any, samples: list[report.Sample]) -> RunDir:

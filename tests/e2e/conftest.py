@@ -12,7 +12,7 @@ import pytest
 import torch
 from filelock import FileLock
 
-from finetune.models import templates
+from finetune.models import chat
 from finetune.rundir import RunDir
 
 TRAIN = ("recipe=tiny_qwen2_5_demo", "data.max_samples=2", "train.max_steps=16", "train.save_steps=8",
@@ -47,13 +47,14 @@ class Reference:
 
         self.run, self.info = run, run.base()
         self.tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
-        self.stops = templates.stop_token_ids(self.info["template"], self.tokenizer)
+        self.chat = chat.get(self.info["template"])
+        self.stops = self.chat.stop_token_ids(self.tokenizer)
         self.system = run.recipe().data.system_prompt
         self.models: dict[Path, object] = {}
 
     def prompt(self, messages: list[dict], system: str | None = None) -> list[int]:
         head = [{"role": "system", "content": system or self.system}]
-        return templates.encode_prompt(self.info["template"], self.tokenizer, head + messages)
+        return self.chat.encode_prompt(self.tokenizer, head + messages)
 
     @torch.inference_mode()
     def generate(self, messages: list[dict], adapter: Path | None = None, max_new_tokens: int = 64,

@@ -20,7 +20,7 @@ from finetune.errors import UserError
 from finetune.export import gguf, pipeline, verify
 from finetune.export import llamacpp
 from finetune.export.llamacpp import SETUP_COMMAND
-from finetune.models import registry, templates
+from finetune.models import chat, registry
 from finetune.models.tiny import cached_tiny
 
 pytestmark = [pytest.mark.e2e, pytest.mark.llamacpp]
@@ -125,8 +125,8 @@ def test_ollama_template_tokenizes_to_the_training_prompt_ids(exported, go_rende
     source = re.search(r"^FROM \./(\S+)$", modelfile, re.M).group(1)  # the route that passed verification
     gguf_vocab = _vocab(llama_cpp, result.ollama / source)
     ids = gguf_vocab.tokenize(text.encode(), add_bos=True, special=True)
-    expected = templates.encode_prompt(run.base()["template"], AutoTokenizer.from_pretrained(result.merged),
-                                       multi_turn_chat)
+    expected = chat.get(run.base()["template"]).encode_prompt(AutoTokenizer.from_pretrained(result.merged),
+                                                              multi_turn_chat)
     assert ids == expected
 
 
@@ -136,7 +136,7 @@ def test_ollama_dir_is_complete_and_names_the_create_command(exported):
     modelfile = (result.ollama / "Modelfile").read_text()
     source = re.search(r"^FROM \./(\S+)$", modelfile, re.M).group(1)
     assert (result.ollama / source).is_file()
-    assert re.findall(r'^PARAMETER stop "(.*)"$', modelfile, re.M) == list(family.stop_tokens)
+    assert re.findall(r'^PARAMETER stop "(.*)"$', modelfile, re.M) == list(family.chat.stop_tokens)
     assert "PARAMETER num_ctx 4096" in modelfile  # a usable context, not the training length
     passed = {c["route"]: c["passed"] for c in json.loads((run.export_dir("gguf") / "verify.json").read_text())}
     if source == result.files["model"].name:  # the merged quant passed: the pair is offered beside it

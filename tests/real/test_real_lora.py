@@ -18,7 +18,7 @@ import pytest
 from real_tier import QUESTIONS
 
 from finetune.export import gguf, pipeline, verify
-from finetune.models import templates
+from finetune.models import chat
 from finetune.rundir import RunDir
 
 pytestmark = [pytest.mark.real, pytest.mark.e2e, pytest.mark.llamacpp]
@@ -51,8 +51,8 @@ def exported(run) -> RunDir:
 
 
 def prompts(run: RunDir, tokenizer) -> dict[str, list[int]]:
-    system = [{"role": "system", "content": templates.default_system("qwen2_5")}]
-    return {q: templates.encode_prompt("qwen2_5", tokenizer, [*system, {"role": "user", "content": q}])
+    system = [{"role": "system", "content": chat.get("qwen2_5").default_system}]
+    return {q: chat.get("qwen2_5").encode_prompt(tokenizer, [*system, {"role": "user", "content": q}])
             for q in QUESTIONS}
 
 
@@ -61,7 +61,7 @@ def llama_answers(model: Path, adapter: Path | None, run: RunDir) -> dict[str, s
     from transformers import AutoTokenizer
 
     tokenizer = AutoTokenizer.from_pretrained(run.export_dir("merged"))
-    stops = templates.stop_token_ids("qwen2_5", tokenizer)
+    stops = chat.get("qwen2_5").stop_token_ids(tokenizer)
     llm = Llama(model_path=str(model), lora_path=str(adapter) if adapter else None, n_ctx=256, verbose=False)
     answers = {}
     for question, ids in prompts(run, tokenizer).items():
@@ -123,7 +123,7 @@ def test_a_gguf_that_lost_the_finetune_fails_verification(exported, real_gguf):
     tokenizer = AutoTokenizer.from_pretrained(merged)
     reference = verify.Reference.build(
         merged, Path(exported.base()["path"]), pipeline.general_text(tokenizer)[:2],
-        pipeline.trained_prompts(exported, tokenizer, "qwen2_5"), templates.stop_token_ids("qwen2_5", tokenizer))
+        pipeline.trained_prompts(exported, tokenizer, "qwen2_5"), chat.get("qwen2_5").stop_token_ids(tokenizer))
     check = verify.compare(reference, verify.Route(real_gguf, "q4_k_m"))
     assert check.lost_finetune and not check.passed
     assert check.kept == 0 and check.retained is not None and check.retained < 0.2

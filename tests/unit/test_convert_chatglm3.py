@@ -30,7 +30,7 @@ def test_native_config_maps_groups_partial_rope_and_ids(checkpoint):
     assert cfg.rope_parameters["partial_rotary_factor"] == 0.5 and cfg.rope_parameters["rope_theta"] == 10000.0
     assert model.generation_config.eos_token_id == [2, 64795, 64797]
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert tokenizer.convert_tokens_to_ids(list(SPEC.family.stop_tokens)) == [2, 64795, 64797]
+    assert tokenizer.convert_tokens_to_ids(list(SPEC.family.chat.stop_tokens)) == [2, 64795, 64797]
     assert native.native_config(registry.spec("chatglm3_6b", "32k")).rope_parameters["rope_theta"] == 500000.0
 
 

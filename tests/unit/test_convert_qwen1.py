@@ -22,5 +22,5 @@ def test_config_dtype_comes_from_the_weights_and_stops_from_qwen1(converted):
     assert model.config.rope_parameters["rope_theta"] == CONFIG["rotary_emb_base"]
     assert sorted(model.generation_config.eos_token_id) == [151643, 151644, 151645]
     tokenizer = AutoTokenizer.from_pretrained(out)
-    assert sorted(tokenizer.convert_tokens_to_ids(list(SPEC.family.stop_tokens))) == [151643, 151644, 151645]
+    assert sorted(tokenizer.convert_tokens_to_ids(list(SPEC.family.chat.stop_tokens))) == [151643, 151644, 151645]
     assert (out / "qwen.tiktoken").is_file()

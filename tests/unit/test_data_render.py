@@ -13,14 +13,14 @@ from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
 from finetune import config
 from finetune.data import build, build_preference, inspect, render, render_inspect, save_length_histogram_png
 from finetune.errors import UserError
-from finetune.models import registry
-from finetune.models.templates import encode_conversation, encode_prompt
+from finetune.models import chat, registry
+from finetune.models.chat.format import ChatFormat
 from finetune.models.tokenizers import bundled_tokenizer_dir
 
 MODELS = {"chatglm3": "tiny_chatglm3", "baichuan2": "tiny_baichuan2_7b", "qwen1": "tiny_qwen1",
           "qwen2_5": "tiny_qwen2_5", "llama2": "tiny_llama2"}
 STOPS = {"chatglm3": ("</s>", "<|user|>"), "baichuan2": ("</s>",), "qwen1": ("<|im_end|>",),
-         "qwen2_5": ("<|im_end|>",), "llama2": ("</s>",)}  # the end-of-answer labels (DECISIONS.md)
+         "qwen2_5": ("<|im_end|>",), "llama2": ("</s>",)}  # the end-of-answer labels
 CONVERSATION = [
     {"role": "system", "content": "你是一名简洁的数学老师。"},
     {"role": "user", "content": "What is 12 times 7?"},
@@ -70,7 +70,7 @@ def test_build_gives_exactly_the_template_ids_and_labels(family, tokenizer, tmp_
     tok = tokenizer(family)
     path = jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}])
     row = build(recipe(family, path), tok, template(family))["train"][0]
-    expected = encode_conversation(template(family), tok, CONVERSATION)
+    expected = chat.get(template(family)).encode_conversation(tok, CONVERSATION)
     assert row["input_ids"] == expected.input_ids and row["labels"] == expected.labels
     assert row["attention_mask"] == [1] * len(row["input_ids"])
     trained = [label for label in row["labels"] if label != -100]
@@ -97,8 +97,8 @@ def test_recipe_system_prompt_applies_only_where_none_is_given(tokenizer, tmp_pa
     path = jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION[1:3]}, {"messages": CONVERSATION[:3]}])
     rows = build(recipe("llama2", path, "data.system_prompt=Answer briefly."), tok, "llama2")["train"]
     with_default = [{"role": "system", "content": "Answer briefly."}, *CONVERSATION[1:3]]
-    assert rows[0]["input_ids"] == encode_conversation("llama2", tok, with_default).input_ids
-    assert rows[1]["input_ids"] == encode_conversation("llama2", tok, CONVERSATION[:3]).input_ids
+    assert rows[0]["input_ids"] == chat.get("llama2").encode_conversation(tok, with_default).input_ids
+    assert rows[1]["input_ids"] == chat.get("llama2").encode_conversation(tok, CONVERSATION[:3]).input_ids
 
 
 def test_fit_cuts_after_the_last_whole_answer_or_inside_the_first_or_drops():
@@ -121,7 +121,7 @@ def test_too_long_prompts_are_dropped_and_counted_and_long_answers_truncated(tok
     assert report["dropped"] == {"too_long_prompt": 1}
     assert report["count"] == 2 and report["truncated"] == 2
     assert all(len(e["input_ids"]) <= 72 for e in report["examples"])
-    whole = encode_conversation("llama2", tok, CONVERSATION)
+    whole = chat.get("llama2").encode_conversation(tok, CONVERSATION)
     first_end = max(i for i, label in enumerate(whole.labels[:72]) if label == 2) + 1  # first answer's </s>
     assert report["examples"][0]["input_ids"] == whole.input_ids[:first_end]
 
@@ -143,9 +143,10 @@ def test_preference_ids_are_the_templates_prompt_and_answers(family, tokenizer, 
     prompt = [CONVERSATION[0], CONVERSATION[1]]
     path = jsonl(tmp_path / "p.jsonl", [{"prompt": prompt, "chosen": "12 × 7 = 84.", "rejected": "12 × 7 = 74."}])
     row = build_preference(recipe(family, path, "stage=dpo"), tok, template(family))["train"][0]
-    assert row["prompt_ids"] == encode_prompt(template(family), tok, prompt)
+    assert row["prompt_ids"] == chat.get(template(family)).encode_prompt(tok, prompt)
     for key, answer in (("chosen_ids", "12 × 7 = 84."), ("rejected_ids", "12 × 7 = 74.")):
-        whole = encode_conversation(template(family), tok, [*prompt, {"role": "assistant", "content": answer}])
+        answered = [*prompt, {"role": "assistant", "content": answer}]
+        whole = chat.get(template(family)).encode_conversation(tok, answered)
         end = max(i for i, label in enumerate(whole.labels) if label != -100) + 1
         assert row["prompt_ids"] + row[key] == whole.input_ids[:end]
         assert row[key][-1] == tok.convert_tokens_to_ids(STOPS[family][-1] if family != "chatglm3" else "</s>")
@@ -159,7 +160,7 @@ def test_second_build_reads_the_cache_and_tokenizes_nothing(tokenizer, tmp_path,
     def tripwire(*args, **kwargs):
         raise AssertionError("tokenized again")
 
-    monkeypatch.setattr(render, "encode_conversation", tripwire)
+    monkeypatch.setattr(ChatFormat, "encode_conversation", tripwire)
     second = build(r, tok, "qwen2_5")
     assert second["train"][:] == first["train"][:] and second["eval"][:] == first["eval"][:]
     with pytest.raises(AssertionError, match="tokenized again"):  # a changed setting does tokenize

@@ -13,7 +13,7 @@ from test_data_tools_templates import official_qwen2_5
 from finetune import config
 from finetune.data import build, build_preference, formats, load, render
 from finetune.errors import UserError
-from finetune.models import templates
+from finetune.models import chat
 from finetune.models.tokenizers import bundled_tokenizer
 
 M = -100
@@ -89,7 +89,7 @@ def test_tool_data_reaches_the_trainer_as_the_family_tool_format(tmp_path, famil
     jsonl(tmp_path / "tools" / "openai.jsonl", [OPENAI_TOOLS])
     rows = build(recipe(tmp_path / "tools", family=family), tok, family)["train"]
     assert len(rows) == 2
-    expected = templates.encode_conversation(family, tok, HF_CONVERSATION, tools=[WEATHER])
+    expected = chat.get(family).encode_conversation(tok, HF_CONVERSATION, tools=[WEATHER])
     for row in rows:
         assert row["input_ids"] == expected.input_ids and row["labels"] == expected.labels
     if family == "qwen2_5":

@@ -16,7 +16,7 @@ import json
 import pytest
 from test_templates import q, qwen, sp
 
-from finetune.models import templates
+from finetune.models import chat
 from finetune.models.tokenizers import BUNDLED, bundled_tokenizer
 
 M = -100
@@ -75,7 +75,7 @@ def trained_text(tok, encoded) -> str:
 @pytest.mark.parametrize("system", [[], [{"role": "system", "content": "Be brief."}]])
 def test_qwen2_5_tool_conversation_is_its_chat_template_token_for_token(system):
     tok, conv = bundled_tokenizer("qwen2_5"), [*system, *PARALLEL]
-    encoded = templates.encode_conversation("qwen2_5", tok, conv, tools=[WEATHER, NOW])
+    encoded = chat.get("qwen2_5").encode_conversation(tok, conv, tools=[WEATHER, NOW])
     assert encoded.input_ids == official_qwen2_5(conv, [WEATHER, NOW])
     assert trained_text(tok, encoded) == (
         '<tool_call>\n{"name": "get_weather", "arguments": {"city": "北京"}}\n</tool_call>\n'
@@ -87,14 +87,14 @@ def test_qwen2_5_tool_conversation_is_its_chat_template_token_for_token(system):
 @pytest.mark.parametrize("upto", [4, 8])  # after two results in one user turn; after the last result
 def test_qwen2_5_prompt_after_tool_results_is_its_generation_prompt(upto):
     conv = PARALLEL[:upto]
-    assert templates.encode_prompt("qwen2_5", bundled_tokenizer("qwen2_5"), conv, tools=[WEATHER, NOW]) == \
+    assert chat.get("qwen2_5").encode_prompt(bundled_tokenizer("qwen2_5"), conv, tools=[WEATHER, NOW]) == \
         official_qwen2_5(conv, [WEATHER, NOW], add_generation_prompt=True)
 
 
 def test_qwen2_5_exported_chat_template_renders_tools_as_the_original_and_marks_what_is_trained():
-    tok = bundled_tokenizer("qwen2_5")  # carries templates.hf_chat_template("qwen2_5")
+    tok = bundled_tokenizer("qwen2_5")  # carries chat.get("qwen2_5").hf_template
     conv = hf_messages(PARALLEL)
-    encoded = templates.encode_conversation("qwen2_5", tok, PARALLEL, tools=[WEATHER, NOW])
+    encoded = chat.get("qwen2_5").encode_conversation(tok, PARALLEL, tools=[WEATHER, NOW])
     out = tok.apply_chat_template(conv, tools=[WEATHER, NOW], return_dict=True, return_assistant_tokens_mask=True)
     assert out["input_ids"] == encoded.input_ids
     assert out["assistant_masks"] == [int(label != M) for label in encoded.labels]
@@ -141,7 +141,7 @@ def ref_chatglm3_tools(conv: list[dict], tools: list[dict]) -> tuple[list[int], 
 def test_chatglm3_tool_conversation_is_its_official_fine_tuning_format():
     tok = bundled_tokenizer("chatglm3")
     tools = [WEATHER, NOW["function"]]
-    encoded = templates.encode_conversation("chatglm3", tok, SINGLE, tools=[WEATHER, NOW])  # NOW unwrapped
+    encoded = chat.get("chatglm3").encode_conversation(tok, SINGLE, tools=[WEATHER, NOW])  # NOW unwrapped
     ids, labels = ref_chatglm3_tools(SINGLE, tools)
     assert encoded.input_ids == ids and encoded.labels == labels
     trained = trained_text(tok, encoded)
@@ -157,12 +157,12 @@ def test_chatglm3_prompt_after_a_result_is_build_chat_input_with_role_observatio
                glm_message("user", "", SINGLE[0]["content"]),
                glm_message("assistant", "get_weather", glm_call(SINGLE[1]["tool_calls"][0]["arguments"])),
                glm_message("observation", "", SINGLE[2]["content"]), [64796]]
-    assert templates.encode_prompt("chatglm3", tok, conv, tools=[WEATHER]) == [64790, 64792] + sum(history, [])
+    assert chat.get("chatglm3").encode_prompt(tok, conv, tools=[WEATHER]) == [64790, 64792] + sum(history, [])
 
 
 def test_chatglm3_refuses_parallel_calls_in_one_turn():
     with pytest.raises(ValueError, match="one tool call per assistant turn"):
-        templates.encode_conversation("chatglm3", bundled_tokenizer("chatglm3"), PARALLEL, tools=[WEATHER, NOW])
+        chat.get("chatglm3").encode_conversation(bundled_tokenizer("chatglm3"), PARALLEL, tools=[WEATHER, NOW])
 
 
 QWEN1_INSTRUCTION = (  # openai_api.py REACT_INSTRUCTION with TOOL_DESC per tool, names joined by ", "
@@ -191,7 +191,7 @@ def qwen1_message(role: str, content: str) -> list[int]:
 
 def test_qwen1_tool_conversation_is_react_text_in_plain_messages_token_for_token():
     tok = bundled_tokenizer("qwen1")
-    encoded = templates.encode_conversation("qwen1", tok, SINGLE, tools=[WEATHER, NOW])
+    encoded = chat.get("qwen1").encode_conversation(tok, SINGLE, tools=[WEATHER, NOW])
     expected = sum([qwen1_message("system", "You are a helpful assistant."),
                     qwen1_message("user", f"{QWEN1_INSTRUCTION}\n\nQuestion: 北京天气？"),
                     qwen1_message("assistant", QWEN1_ROUND_1), qwen1_message("user", "Thanks."),
@@ -211,12 +211,12 @@ def test_qwen1_prompt_after_a_result_is_openai_api_text_completion():
     text = ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\n"
             f"{QWEN1_INSTRUCTION}\n\nQuestion: 北京天气？<|im_end|>\n<|im_start|>assistant\n"
             f"{QWEN1_ROUND_1.split(chr(10) + 'Thought: I now')[0]}\nThought:")
-    assert templates.encode_prompt("qwen1", bundled_tokenizer("qwen1"), conv, tools=[WEATHER, NOW]) == \
+    assert chat.get("qwen1").encode_prompt(bundled_tokenizer("qwen1"), conv, tools=[WEATHER, NOW]) == \
         qwen().encode(text, allowed_special="all")
 
 
 def test_qwen1_prompt_for_the_next_question_is_make_context_with_the_react_history():
-    prompt = templates.encode_prompt("qwen1", bundled_tokenizer("qwen1"), SINGLE[:5], tools=[WEATHER, NOW])
+    prompt = chat.get("qwen1").encode_prompt(bundled_tokenizer("qwen1"), SINGLE[:5], tools=[WEATHER, NOW])
     assert prompt == sum([qwen1_message("system", "You are a helpful assistant."),
                           qwen1_message("user", f"{QWEN1_INSTRUCTION}\n\nQuestion: 北京天气？"),
                           qwen1_message("assistant", QWEN1_ROUND_1)], []) + [151644] + q("user") + q("\n") + \
@@ -225,7 +225,7 @@ def test_qwen1_prompt_for_the_next_question_is_make_context_with_the_react_histo
 
 def test_qwen1_refuses_parallel_calls_in_one_turn():
     with pytest.raises(ValueError, match="Qwen-1's ReAct makes one tool call per assistant turn"):
-        templates.encode_conversation("qwen1", bundled_tokenizer("qwen1"), PARALLEL, tools=[WEATHER, NOW])
+        chat.get("qwen1").encode_conversation(bundled_tokenizer("qwen1"), PARALLEL, tools=[WEATHER, NOW])
 
 
 def test_qwen1_exported_chat_template_refuses_tools_and_points_to_finetune():
@@ -239,9 +239,9 @@ def test_families_without_a_tool_format_refuse_tools_with_the_reason(family, rea
     tok = bundled_tokenizer(family)
     plain = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello"}]
     with pytest.raises(ValueError, match=reason):
-        templates.encode_conversation(family, tok, plain, tools=[WEATHER])
+        chat.get(family).encode_conversation(tok, plain, tools=[WEATHER])
     with pytest.raises(ValueError, match=reason):
-        templates.encode_conversation(family, tok, SINGLE[:4])
+        chat.get(family).encode_conversation(tok, SINGLE[:4])
     with pytest.raises(Exception, match=reason):  # the exported chat template says the same
         tok.apply_chat_template(plain, tools=[WEATHER], tokenize=False)
 
@@ -258,11 +258,11 @@ def test_families_without_a_tool_format_refuse_tools_with_the_reason(family, rea
 ])
 def test_malformed_tool_conversations_raise_value_error(messages, reason):
     with pytest.raises(ValueError, match=reason):
-        templates.encode_conversation("qwen2_5", bundled_tokenizer("qwen2_5"), messages)
+        chat.get("qwen2_5").encode_conversation(bundled_tokenizer("qwen2_5"), messages)
 
 
 def test_an_empty_tool_result_is_allowed_and_renders_as_nothing():
     conv = [*SINGLE[:2], {"role": "tool", "content": ""}, SINGLE[3]]
-    encoded = templates.encode_conversation("chatglm3", bundled_tokenizer("chatglm3"), conv, tools=[WEATHER])
+    encoded = chat.get("chatglm3").encode_conversation(bundled_tokenizer("chatglm3"), conv, tools=[WEATHER])
     ids, labels = ref_chatglm3_tools(conv, [WEATHER])
     assert encoded.input_ids == ids and encoded.labels == labels

@@ -22,7 +22,7 @@ def test_every_seed_model_and_a_tiny_one_per_family():
 def test_family_has_every_fact(fam):
     for field in ("display", "native_class", "template", "license", "commercial_use", "strengths"):
         assert getattr(fam, field), field
-    assert fam.lora_targets and fam.stop_tokens and fam.languages
+    assert fam.lora_targets and fam.chat.stop_tokens and fam.languages
 
 
 @pytest.mark.parametrize("name", sorted(registry.models()))

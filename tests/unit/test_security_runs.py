@@ -16,6 +16,7 @@ from finetune import config, rundir
 from finetune.data import files, registry
 from finetune.errors import UserError
 from finetune.infer import tools
+from finetune.models import chat
 
 
 def _recipe(path: Path, *extra: str) -> config.Recipe:
@@ -180,6 +181,6 @@ def test_the_flag_reaches_training_only_from_the_command_line(capsys):
 
 def test_a_chatglm3_call_with_an_unhashable_key_stays_text():
     text = "get_weather\n```python\ntool_call(city={['a']: 1})\n```"
-    assert tools.parse("chatglm3", text) == (text, [])
+    assert tools.parse(chat.get("chatglm3"), text) == (text, [])
     deep = "get_weather\n```python\ntool_call(city=" + "[" * 100_000 + "]" * 100_000 + ")\n```"
-    assert tools.parse("chatglm3", deep)[1] == []
+    assert tools.parse(chat.get("chatglm3"), deep)[1] == []

@@ -1,9 +1,9 @@
 """Training encodings, inference prompts and templates match the official formats token for token.
 
-Every expected id list below is built here from the ORIGINAL rules (reference/chat_formats.md), with SentencePiece
+Every expected id list below is built here from the ORIGINAL rules (each official chat code), with SentencePiece
 and tiktoken called directly, following each official script's own algorithm (ChatGLM3's process_batch with its
 shifted loss mask, Baichuan2's fine-tune.py, Qwen's make_context/finetune.py, Meta's chat_completion and
-llama-recipes' tokenize_dialog); labels follow DECISIONS.md "Training labels".
+llama-recipes' tokenize_dialog): each answer and the token that ends it are trained, prompts and tool results not.
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import pytest
 import sentencepiece as spm
 import tiktoken
 
-from finetune.models import templates, tokenizers
+from finetune.models import chat, tokenizers
 from finetune.models.tokenizers import bundled_tokenizer
 
 FIX = tokenizers.BUNDLED
@@ -154,7 +154,7 @@ CONVERSATIONS = {"with_system": [SYSTEM, *CONV], "without_system": CONV}
 @pytest.mark.parametrize("family", FAMILIES)
 def test_training_ids_and_labels_are_the_official_ones(family, which):
     conv = CONVERSATIONS[which]
-    encoded = templates.encode_conversation(family, bundled_tokenizer(family), conv)
+    encoded = chat.get(family).encode_conversation(bundled_tokenizer(family), conv)
     ids, labels = REFERENCE[family](conv)
     assert encoded.input_ids == ids
     assert encoded.labels == labels
@@ -163,11 +163,11 @@ def test_training_ids_and_labels_are_the_official_ones(family, which):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_prompt_ids_are_what_the_official_chat_code_builds(family):
     conv = [SYSTEM, *CONV, ASK]
-    assert templates.encode_prompt(family, bundled_tokenizer(family), conv) == REFERENCE[family](conv)[0]
+    assert chat.get(family).encode_prompt(bundled_tokenizer(family), conv) == REFERENCE[family](conv)[0]
 
 
 def test_label_values_spelled_out_for_baichuan2():
-    enc = templates.encode_conversation("baichuan2", bundled_tokenizer("baichuan2"), [
+    enc = chat.get("baichuan2").encode_conversation(bundled_tokenizer("baichuan2"), [
         {"role": "user", "content": "你好"}, {"role": "assistant", "content": "你好！"},
         {"role": "user", "content": "再见"}, {"role": "assistant", "content": "再见！"}])
     assert enc.input_ids == [195, 16829, 196, 16829, 67, 195, 20020, 196, 20020, 67, 2]
@@ -177,7 +177,7 @@ def test_label_values_spelled_out_for_baichuan2():
 # ---- the Ollama TEMPLATE's text, tokenized as llama.cpp does, gives encode_prompt's ids ----
 
 def ollama_text(family: str, conv: list[dict]) -> str:
-    """The text an Ollama TEMPLATE must render (chat_formats.md "What an Ollama Modelfile TEMPLATE must render")."""
+    """The text an Ollama TEMPLATE must render: the prompt's text, which llama.cpp tokenizes to the official ids."""
     system, turns = split_system(conv, family)
     if family == "chatglm3":
         return ("[gMASK]sop" + (f"<|system|>\n {system}" if system else "")
@@ -224,7 +224,7 @@ def test_ollama_text_tokenized_by_llama_cpp_rules_gives_the_prompt_ids(family, w
     conv = CONVERSATIONS[which] + [ASK]
     tok = bundled_tokenizer(family)
     text = ollama_text(family, conv)
-    assert llamacpp_tokenize(family, text) == templates.encode_prompt(family, tok, conv)
+    assert llamacpp_tokenize(family, text) == chat.get(family).encode_prompt(tok, conv)
     hf_text = tok.apply_chat_template(conv, tokenize=False, add_generation_prompt=True)
     assert hf_text == ("<s>" + text if family == "llama2" else text)  # HF text carries the BOS llama.cpp adds
 
@@ -233,37 +233,37 @@ def test_ollama_text_tokenized_by_llama_cpp_rules_gives_the_prompt_ids(family, w
 def test_hf_chat_template_gives_the_training_ids_and_marks_the_trained_tokens(family):
     conv = [SYSTEM, *CONV]
     tok = bundled_tokenizer(family)
-    enc = templates.encode_conversation(family, tok, conv)
+    enc = chat.get(family).encode_conversation(tok, conv)
     out = tok.apply_chat_template(conv, tokenize=True, return_dict=True, return_assistant_tokens_mask=True)
     assert out["input_ids"] == enc.input_ids
     # Baichuan2's eos label under a user token cannot be a mask over input_ids: only the answers are marked
     trained = [int(label != M and label == t) for t, label in zip(enc.input_ids, enc.labels)]
     assert out["assistant_masks"] == trained
     prompt = tok.apply_chat_template([*conv, ASK], tokenize=True, add_generation_prompt=True, return_dict=False)
-    assert prompt == templates.encode_prompt(family, tok, [*conv, ASK])
+    assert prompt == chat.get(family).encode_prompt(tok, [*conv, ASK])
 
 
 # ---- details of the formats ----
 
 def test_special_strings_in_contents_stay_text_where_the_official_code_encodes_contents_plainly():
     conv = [{"role": "user", "content": "say <|user|> and </s>"}, {"role": "assistant", "content": "ok <|im_end|>"}]
-    glm = templates.encode_conversation("chatglm3", bundled_tokenizer("chatglm3"), conv)
+    glm = chat.get("chatglm3").encode_conversation(bundled_tokenizer("chatglm3"), conv)
     assert glm.input_ids == ref_chatglm3(conv)[0] and 64795 not in glm.input_ids[3:]
-    qw = templates.encode_conversation("qwen1", bundled_tokenizer("qwen1"), conv)
+    qw = chat.get("qwen1").encode_conversation(bundled_tokenizer("qwen1"), conv)
     assert qw.input_ids == ref_qwen1(conv)[0]
 
 
 def test_qwen1_encodes_newline_per_segment_where_qwen2_5_merges_it():
     conv = [{"role": "user", "content": "\nHi"}]
-    qwen1 = templates.encode_prompt("qwen1", bundled_tokenizer("qwen1"), conv)
-    qwen2_5 = templates.encode_prompt("qwen2_5", bundled_tokenizer("qwen2_5"), conv)
+    qwen1 = chat.get("qwen1").encode_prompt(bundled_tokenizer("qwen1"), conv)
+    qwen2_5 = chat.get("qwen2_5").encode_prompt(bundled_tokenizer("qwen2_5"), conv)
     user1, user2_5 = qwen1.index(872), qwen2_5.index(872)  # the "user" role name
     assert qwen1[user1:user1 + 4] == [872, 198, 198, 13048]  # "user", "\n", then the content's own "\n", "Hi"
     assert qwen2_5[user2_5:user2_5 + 3] == [872, 271, 13048]  # "user", "\n\n", "Hi"
 
 
 def test_qwen2_5_token_straddling_the_role_newline_is_not_trained():
-    enc = templates.encode_conversation("qwen2_5", bundled_tokenizer("qwen2_5"), [
+    enc = chat.get("qwen2_5").encode_conversation(bundled_tokenizer("qwen2_5"), [
         {"role": "user", "content": "Hi"}, {"role": "assistant", "content": "\nHello"}])
     start = enc.input_ids.index(77091)  # "assistant"
     assert enc.input_ids[start + 1:start + 4] == [271, 9707, 151645]
@@ -275,7 +275,7 @@ def test_qwen2_5_token_straddling_the_role_newline_is_not_trained():
                                                        "assistant."),
                                            ("chatglm3", None), ("baichuan2", None), ("llama2", None)])
 def test_default_system_is_the_official_chat_codes(family, system):
-    assert templates.default_system(family) == system
+    assert chat.get(family).default_system == system
 
 
 @pytest.mark.parametrize("family,ids,strings", [
@@ -286,16 +286,16 @@ def test_default_system_is_the_official_chat_codes(family, system):
     ("qwen2_5", [151645, 151643], ["<|im_end|>", "<|endoftext|>"]),
 ])
 def test_stop_tokens_are_the_inference_servers(family, ids, strings):
-    assert templates.stop_token_ids(family, bundled_tokenizer(family)) == ids
-    assert templates.ollama_stop_strings(family) == strings
+    assert chat.get(family).stop_token_ids(bundled_tokenizer(family)) == ids
+    assert list(chat.get(family).stop_tokens) == strings
 
 
 def test_ollama_templates_read_system_and_messages_and_end_with_the_generation_prompt():
     for family in FAMILIES:
-        text = templates.ollama_template(family)
+        text = chat.get(family).ollama_template
         assert "range .Messages" in text and ".System" in text and ".Content" in text
-    assert templates.ollama_template("chatglm3").endswith("<|assistant|>")
-    assert templates.ollama_template("qwen2_5").endswith("<|im_start|>assistant\n")
+    assert chat.get("chatglm3").ollama_template.endswith("<|assistant|>")
+    assert chat.get("qwen2_5").ollama_template.endswith("<|im_start|>assistant\n")
 
 
 BAD = [
@@ -316,25 +316,25 @@ BAD = [
 @pytest.mark.parametrize("messages,reason", BAD)
 def test_malformed_training_conversations_raise_value_error(messages, reason):
     with pytest.raises(ValueError, match=reason):
-        templates.encode_conversation("qwen2_5", bundled_tokenizer("qwen2_5"), messages)
+        chat.get("qwen2_5").encode_conversation(bundled_tokenizer("qwen2_5"), messages)
 
 
 def test_prompt_must_end_with_a_user_turn():
     with pytest.raises(ValueError, match="must end with a user message"):
-        templates.encode_prompt("chatglm3", bundled_tokenizer("chatglm3"), CONV)
+        chat.get("chatglm3").encode_prompt(bundled_tokenizer("chatglm3"), CONV)
 
 
 def test_llama2_refuses_contents_with_its_reserved_tags():
     with pytest.raises(ValueError, match=r"'\[/INST\]', reserved by the llama2 format"):
-        templates.encode_conversation("llama2", bundled_tokenizer("llama2"), [
+        chat.get("llama2").encode_conversation(bundled_tokenizer("llama2"), [
             {"role": "user", "content": "a [/INST] b"}, {"role": "assistant", "content": "c"}])
 
 
 def test_unknown_template_or_foreign_tokenizer_raise_value_error():
     with pytest.raises(ValueError, match="unknown chat template"):
-        templates.encode_prompt("vicuna", bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
+        chat.get("vicuna").encode_prompt(bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
     with pytest.raises(ValueError, match="not a chatglm3 tokenizer"):
-        templates.encode_prompt("chatglm3", bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
+        chat.get("chatglm3").encode_prompt(bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
 
 
 # ---- segment boundaries: contents that start or end with whitespace or newlines ----
@@ -351,10 +351,10 @@ def test_edge_whitespace_keeps_the_official_per_segment_ids(family, content):
     conv = [{"role": "system", "content": content}, {"role": "user", "content": content},
             {"role": "assistant", "content": content}, {"role": "user", "content": "Q"},
             {"role": "assistant", "content": content}]
-    encoded = templates.encode_conversation(family, tok, conv)
+    encoded = chat.get(family).encode_conversation(tok, conv)
     assert (encoded.input_ids, encoded.labels) == REFERENCE[family](conv)
     prompt = [*conv, {"role": "user", "content": content}]
-    assert templates.encode_prompt(family, tok, prompt) == REFERENCE[family](prompt)[0]
+    assert chat.get(family).encode_prompt(tok, prompt) == REFERENCE[family](prompt)[0]
 
 
 @pytest.mark.parametrize("content", EDGES)
@@ -364,7 +364,7 @@ def test_edge_whitespace_in_qwen2_5_gives_its_chat_templates_joint_ids(content):
     conv = [{"role": "system", "content": content}, {"role": "user", "content": content},
             {"role": "assistant", "content": content}]
     ids = tok.apply_chat_template(conv, chat_template=official, return_dict=False)
-    assert templates.encode_conversation("qwen2_5", tok, conv).input_ids == ids
+    assert chat.get("qwen2_5").encode_conversation(tok, conv).input_ids == ids
     prompt = [*conv, {"role": "user", "content": content}]
-    assert templates.encode_prompt("qwen2_5", tok, prompt) == tok.apply_chat_template(
+    assert chat.get("qwen2_5").encode_prompt(tok, prompt) == tok.apply_chat_template(
         prompt, chat_template=official, add_generation_prompt=True, return_dict=False)

@@ -29,7 +29,7 @@ def test_native_layout_loads_with_its_class_real_tokenizer_and_stop_ids(name):
     tokenizer = AutoTokenizer.from_pretrained(path)
     assert type(model).__name__ == spec.native_class and not (path / "modeling_chatglm.py").exists()
     assert len(tokenizer) <= model.config.vocab_size
-    stops = tokenizer.convert_tokens_to_ids(list(spec.family.stop_tokens))
+    stops = tokenizer.convert_tokens_to_ids(list(spec.family.chat.stop_tokens))
     eos = model.generation_config.eos_token_id
     assert sorted([eos] if isinstance(eos, int) else eos) == sorted(stops)
     ids = tokenizer("你好, hello", return_tensors="pt").input_ids

@@ -1,4 +1,4 @@
-"""Our fast tokenizers give the ORIGINAL ids (DECISIONS.md: exact token ids are the contract).
+"""Our fast tokenizers give the ORIGINAL ids (exact token ids are the contract: training, inference and exports).
 
 The references are the originals' own encoders, used directly: SentencePiece on tokenizer.model, tiktoken with
 Qwen's regex on qwen.tiktoken (NFC first, as Qwen-1's tokenize() does). Qwen2.5's tokenizer.json is checked

@@ -1,4 +1,8 @@
-"""Qwen-1's tool use: ReAct text inside plain user/assistant messages, as Qwen's official code writes it.
+"""Qwen-1-Chat's chat format: ChatML as its make_context (qwen_generation_utils.py) lays it out, and its tool use
+as the ReAct text of its openai_api.py.
+
+make_context encodes role, "\\n" and content separately; the content and its <|im_end|> are trained, not the "\\n"
+after it.
 
 Qwen-1 has no tool roles. Its openai_api.py (`parse_messages`, the code Qwen's examples/function_call_finetune_
 examples.py points to for how structured calls become text) turns a conversation with functions into:
@@ -25,9 +29,11 @@ from __future__ import annotations
 import json
 from typing import Optional
 
-from finetune.models import chat_parts
-from finetune.models.chat_parts import Message, Part, Tools, Turns, function_schema
+from finetune.models.chat.format import Calls, ChatFormat, ToolFormat
+from finetune.models.chat.parts import Message, Part, Tools, Turns, function_schema, text, token, uses_tools
+from finetune.models.chat.templating import chatml_ollama, no_tools_jinja
 
+DEFAULT_SYSTEM = "You are a helpful assistant."
 TOOL_DESC = ("{name_for_model}: Call this tool to interact with the {name_for_human} API."
              " What is the {name_for_human} API useful for? {description_for_model} Parameters: {parameters}")
 REACT_INSTRUCTION = """Answer the following questions as best you can. You have access to the following APIs:
@@ -50,6 +56,8 @@ OBSERVATION = "\nObservation:"
 FINAL_ANSWER = "Thought: I now know the final answer.\nFinal Answer: "
 STOP = "Observation:"
 """The stop string generation needs with tools (openai_api.py adds it to the request's stop words)."""
+HF_NO_TOOLS = ("this chat template renders Qwen-1 without tools: its tool use is ReAct text that finetune writes "
+               "into plain messages (finetune.models.chat.qwen1); pass the conversation to finetune")
 
 
 def instruction(tools: Tools) -> str:
@@ -67,8 +75,8 @@ def instruction(tools: Tools) -> str:
     return REACT_INSTRUCTION.format(tools_text="\n\n".join(descriptions), tools_name_text=", ".join(names))
 
 
-def _strip(text: str) -> str:
-    return text.lstrip("\n").rstrip()
+def _strip(content: str) -> str:
+    return content.lstrip("\n").rstrip()
 
 
 def _step(m: Message, tools: Tools) -> str:
@@ -81,17 +89,17 @@ def _step(m: Message, tools: Tools) -> str:
     return f"{FINAL_ANSWER}{content}" if tools else content
 
 
-def messages(system: Optional[str], turns: Turns, tools: Tools) -> tuple[Optional[str], Turns]:
+def react_messages(system: Optional[str], turns: Turns, tools: Tools) -> tuple[Optional[str], Turns]:
     """The plain system/user/assistant messages openai_api.py makes of a tool conversation; an assistant message
     carries `train` (character spans of its content that are trained) and, when the conversation ends with a
     result, `open` (the prompt continues it after "\\nThought:" instead of closing it)."""
     out: list[Message] = []
     for m in turns:
         if m["role"] == "user":
-            text = _strip(m["content"])
+            content = _strip(m["content"])
             if not any(o["role"] == "user" for o in out) and tools:
-                text = f"{instruction(tools)}\n\nQuestion: {text}"
-            out.append({"role": "user", "content": text})
+                content = f"{instruction(tools)}\n\nQuestion: {content}"
+            out.append({"role": "user", "content": content})
         elif m["role"] == "tool":
             last = out[-1]
             last["train"].append((len(last["content"]), len(last["content"]) + len(OBSERVATION)))
@@ -113,8 +121,62 @@ def messages(system: Optional[str], turns: Turns, tools: Tools) -> tuple[Optiona
     return (None if system is None else _strip(system)), out
 
 
+def _make_context(system: Optional[str], turns: Turns) -> list[Part]:
+    # An assistant message from react_messages says which spans of its content are trained (`train`), and whether
+    # the prompt continues it (`open`: no <|im_end|>, generation goes on from its text).
+    parts = []
+    for m in [{"role": "system", "content": system}, *turns]:
+        answer = m["role"] == "assistant"
+        train = m.get("train", ((0, len(m["content"])),) if answer else ())
+        parts += [token("<|im_start|>"), text(m["role"]), text("\n"), Part(text=m["content"], train=train)]
+        if not m.get("open"):
+            parts += [token("<|im_end|>", trained=answer), text("\n")]
+    if turns[-1]["role"] == "user":
+        parts += [token("<|im_start|>"), text("assistant"), text("\n")]
+    return parts
+
+
 def render(system: Optional[str], turns: Turns, tools: Tools) -> list[Part]:
-    """Qwen-1's parts: make_context's layout, over the ReAct messages when the conversation has tools or calls."""
-    if chat_parts.uses_tools(turns, tools):
-        system, turns = messages(system, turns, tools)
-    return chat_parts.qwen1(system, turns)
+    """make_context's layout, over the ReAct messages when the conversation has tools or calls."""
+    if uses_tools(turns, tools):
+        system, turns = react_messages(system, turns, tools)
+    return _make_context(system, turns)
+
+
+def parse(generated: str) -> tuple[Optional[str], Calls]:
+    """ReAct text read as openai_api.py's parse_response does: "Thought: ...\\nAction: name\\nAction Input: {json}"
+    is a call (its thought the content; generation stopped at "Observation:"), else the text after "Final Answer: "
+    is the answer. Action Input that is not a JSON object leaves the text content."""
+    action, action_input = generated.find("\nAction:"), generated.find("\nAction Input:")
+    if 0 <= action < action_input:
+        end = generated.find(OBSERVATION, action_input)
+        arguments = generated[action_input + len("\nAction Input:"): None if end < 0 else end].strip()
+        try:
+            parsed = json.loads(arguments)
+        except (ValueError, RecursionError):
+            return generated, []
+        if not isinstance(parsed, dict):
+            return generated, []
+        thought = generated[:action]
+        thought = thought[thought.find("Thought: ") + len("Thought: "):] if "Thought: " in thought else thought
+        return thought.strip() or None, [(generated[action + len("\nAction:"):action_input].strip(), parsed)]
+    final = generated.rfind("\nFinal Answer: ")
+    return (generated[final + len("\nFinal Answer: "):] if final >= 0 else generated), []
+
+
+HF_TEMPLATE = no_tools_jinja(HF_NO_TOOLS) + (
+    "{%- if messages[0]['role'] == 'system' -%}{%- set sys = messages[0]['content'] -%}"
+    "{%- set msgs = messages[1:] -%}{%- else -%}{%- set sys = '" + DEFAULT_SYSTEM + "' -%}"
+    "{%- set msgs = messages -%}{%- endif -%}"
+    "{{- '<|im_start|>system\\n' + sys + '<|im_end|>\\n' -}}"
+    "{%- for m in msgs -%}{%- if m['role'] == 'user' -%}"
+    "{{- '<|im_start|>user\\n' + m['content'] + '<|im_end|>\\n' -}}"
+    "{%- else -%}{{- '<|im_start|>assistant\\n' -}}"
+    "{%- generation -%}{{- m['content'] + '<|im_end|>' -}}{%- endgeneration -%}{{- '\\n' -}}"
+    "{%- endif -%}{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{- '<|im_start|>assistant\\n' -}}{%- endif -%}")
+
+FORMAT = ChatFormat(
+    "qwen1", render, stop_tokens=("<|endoftext|>", "<|im_start|>", "<|im_end|>"), hf_template=HF_TEMPLATE,
+    ollama_template=chatml_ollama(DEFAULT_SYSTEM), plain_contents=True, default_system=DEFAULT_SYSTEM,
+    tools=ToolFormat(parse, stops=(STOP,), one_call_per_turn="Qwen-1's ReAct"))
