@@ -147,11 +147,11 @@ def test_scoring_picks_the_letter_with_the_highest_logit_at_each_answer_position
 
 
 def test_a_real_tiny_model_scores_batched_as_one_prompt_at_a_time(tmp_path):
-    from finetune.infer import load
+    from finetune.infer import backends, load
     from finetune.infer.options import LoadOptions
 
     options = LoadOptions(model="tiny_qwen2_5")
-    engine = load.load(load.resolve(options), options)
+    engine = backends.load(load.resolve(options), options)
     bench = choice.read(EvalSettings(dir=str(write_ceval(tmp_path)), task="ceval", shots=5))
     progress = lambda *a, **k: SimpleNamespace(update=lambda n: None, close=lambda: None)  # noqa: E731
     results = choice.evaluate(engine, bench, batch_size=2, progress=progress)
