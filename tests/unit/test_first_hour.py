@@ -11,11 +11,12 @@ from finetune import quiet
 from finetune.estimate import recommend
 from finetune.models import registry, tokenizers
 from finetune.rundir import RunDir
+from finetune.runfiles import RunSummary
 from finetune.train import report
 
-SUMMARY = {"model": "tiny_qwen2_5", "source": "tiny model built locally", "method": "lora", "stage": "sft",
-           "world_size": 1, "device": "cpu", "global_step": 1, "train_runtime_s": 1.0, "wall_s": 2.0,
-           "next": "finetune export run=x to=ollama"}
+SUMMARY = RunSummary(model="tiny_qwen2_5", source="tiny model built locally", method="lora", stage="sft",
+                     world_size=1, device="cpu", global_step=1, train_runtime_s=1.0, wall_s=2.0,
+                     next="finetune export run=x to=ollama", weights="x/adapter")
 
 
 def test_a_registry_variant_is_tokenized_from_shipped_files_with_its_own_eos():
