@@ -1,7 +1,9 @@
 """One data source read as raw rows: the local files a path names (file, directory, glob) or a hub dataset, each
-file through `datasets` — and, when the JSON loader fails (its errors name no line), the line that broke it. With
-`on_bad_record=skip` unreadable lines are left out of a cleaned copy in the cache; the user's files are never
-written. `locate` names a row the way a person finds it in that file type (line, row or record).
+file through `datasets` — and, when the JSON loader fails (its errors name no line), every line that broke it.
+Those lines are left out of a cleaned copy in the cache (the user's files are never written) and returned, so that
+load.py counts them with the records the formats refuse, and `on_bad_record` decides for all of them at once.
+Rows keep their number in the user's file (`original_row`); `places` names rows the way a person finds them in
+that file type (lines, rows or records).
 """
 
 from __future__ import annotations
@@ -13,14 +15,14 @@ import itertools
 import json
 import os
 import re
-from collections import Counter
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Optional
 
 import datasets
 from datasets import Dataset, Features, Value
 
-from finetune.data import formats
+from finetune.data.turns import kind
 from finetune.errors import UserError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
@@ -63,30 +65,34 @@ def resolve(path: str, where: str) -> Optional[list[Path]]:
     raise UserError(f"{where}: file {path} does not exist")
 
 
-def scan_json(path: Path) -> list[tuple[int, str, str]]:
-    """(line, reason, problem) for each line of a JSON Lines file that `datasets` cannot load as one row."""
-    problems: list[tuple[int, str, str]] = []
+Unreadable = list[tuple[int, str, str]]
+"""(row, reason, problem) of each record `datasets` cannot load; `row` counts records (non-blank lines) from 0."""
+
+
+def scan_json(path: Path) -> Unreadable:
+    """The records of a JSON Lines file that `datasets` cannot load as one row each."""
+    problems: Unreadable = []
     first_seen: dict[str, tuple[str, int]] = {}
     with path.open(encoding="utf-8", errors="replace") as handle:
+        row = -1
         for number, line in enumerate(handle, 1):
             if not line.strip():
                 continue
+            row += 1
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as exc:
-                problems.append((number, "malformed_json", f"not valid JSON ({exc.msg} at column {exc.colno})"))
+                problems.append((row, "malformed_json", f"not valid JSON ({exc.msg} at column {exc.colno})"))
                 continue
             if not isinstance(record, dict):
-                problems.append((number, "malformed_json", f"a record must be a JSON object {{...}}, "
-                                                           f"got {formats.kind(record)}"))
+                problems.append((row, "malformed_json", f"a record must be a JSON object {{...}}, got {kind(record)}"))
                 continue
             for key, value in record.items():
                 if value is None:
                     continue
-                seen = first_seen.setdefault(key, (formats.kind(value), number))
-                if seen[0] != formats.kind(value):
-                    problems.append((number, "bad_type", f"'{key}' is {formats.kind(value)} here but {seen[0]} on "
-                                                         f"line {seen[1]}"))
+                seen = first_seen.setdefault(key, (kind(value), number))
+                if seen[0] != kind(value):
+                    problems.append((row, "bad_type", f"'{key}' is {kind(value)} here but {seen[0]} on line {seen[1]}"))
                     break
     return problems
 
@@ -128,11 +134,11 @@ def _json_array_problem(path: Path) -> Optional[str]:
     bad = next((i for i, r in enumerate(records) if not isinstance(r, dict)), None)
     if bad is None:
         return None
-    return f"record {bad + 1}: a record must be a JSON object {{...}}, got {formats.kind(records[bad])}"
+    return f"record {bad + 1}: a record must be a JSON object {{...}}, got {kind(records[bad])}"
 
 
-def _cleaned_copy(path: Path, bad_lines: set[int]) -> Path:
-    """A copy of a JSON Lines file without its unreadable lines, in the cache (the user's file stays untouched)."""
+def _cleaned_copy(path: Path, bad_rows: set[int]) -> Path:
+    """A copy of a JSON Lines file without its unreadable records, in the cache (the user's file stays untouched)."""
     stat = path.stat()
     key = hashlib.sha256(f"{path.resolve()}|{stat.st_size}|{stat.st_mtime_ns}".encode()).hexdigest()[:16]
     target = cache_dir("cleaned") / f"{path.stem}-{key}.jsonl"
@@ -140,7 +146,11 @@ def _cleaned_copy(path: Path, bad_lines: set[int]) -> Path:
         target.parent.mkdir(parents=True, exist_ok=True)
         tmp = target.with_suffix(f".tmp{os.getpid()}")
         with path.open(encoding="utf-8", errors="replace") as src, tmp.open("w", encoding="utf-8") as dst:
-            dst.writelines(line for n, line in enumerate(src, 1) if n not in bad_lines)
+            row = -1
+            for line in src:
+                row += bool(line.strip())
+                if not (line.strip() and row in bad_rows):
+                    dst.write(line)
         os.replace(tmp, target)
     return target
 
@@ -163,13 +173,13 @@ def _load(builder: str, path: Path) -> Dataset:
         datasets.logging.set_verbosity(verbosity)
 
 
-def read_file(path: Path, on_bad_record: str) -> tuple[Dataset, Counter]:
-    """One local file as a raw dataset, plus the lines left out (skip mode) counted by reason."""
+def read_file(path: Path) -> tuple[Dataset, Unreadable]:
+    """One local file as a raw dataset, and the records left out of it because `datasets` cannot read them."""
     builder = BUILDERS[path.suffix]
     if builder == "json":
         check_json_shape(path)
     try:
-        return _load(builder, path), Counter()
+        return _load(builder, path), []
     except Exception as exc:  # datasets wraps the parser's error; find the line ourselves
         if builder != "json":
             raise UserError(f"{path}: cannot be read as {path.suffix[1:]}: {exc.__cause__ or exc}") from None
@@ -179,13 +189,10 @@ def read_file(path: Path, on_bad_record: str) -> tuple[Dataset, Counter]:
         problems = scan_json(path)
         if not problems:
             raise UserError(f"{path}: cannot be read: {exc.__cause__ or exc}") from None
-        if on_bad_record == "error":
-            line, _, message = problems[0]
-            more = f" ({len(problems) - 1} more such lines)" if len(problems) > 1 else ""
-            raise UserError(f"{path} line {line}: {message}{more}; fix the file, or set data.on_bad_record=skip "
-                            f"to leave such records out (they are counted)") from None
-        cleaned = _cleaned_copy(path, {line for line, _, _ in problems})
-        return _load(builder, cleaned), Counter(reason for _, reason, _ in problems)
+        with path.open(encoding="utf-8", errors="replace") as handle:
+            if len(problems) == sum(1 for line in handle if line.strip()):
+                return Dataset.from_dict({}), problems  # `datasets` refuses a file without records
+        return _load(builder, _cleaned_copy(path, {row for row, _, _ in problems})), problems
 
 
 def read_hub(name: str, where: str) -> Dataset:
@@ -196,17 +203,27 @@ def read_hub(name: str, where: str) -> Dataset:
                         f"({str(exc).splitlines()[0]}); check the path, or the network for hub datasets") from None
 
 
-def locate(src: str, row: int) -> str:
-    """Where row `row` (0-based) of source `src` is, in the words a person uses for that file type."""
+def original_row(row: int, skipped: Sequence[int]) -> int:
+    """The number in the user's file of row `row` of its cleaned copy, which left out the rows `skipped` (sorted)."""
+    for left_out in skipped:
+        if left_out > row:
+            break
+        row += 1
+    return row
+
+
+def places(src: str, rows: list[int]) -> tuple[str, list[int]]:
+    """Where rows `rows` (0-based) of source `src` are, in the words a person uses for that file type: ("line",
+    line numbers) for JSON Lines, ("row", numbers) for CSV and Parquet, else ("record", numbers), counted from 1."""
     path = Path(src)
     if path.suffix == ".jsonl" or (path.suffix == ".json" and path.is_file()
                                    and not path.read_text(encoding="utf-8", errors="replace").lstrip().startswith("[")):
-        seen = -1
+        lines: dict[int, int] = {}
+        wanted, seen = set(rows), -1
         with path.open(encoding="utf-8", errors="replace") as handle:
             for number, line in enumerate(handle, 1):
                 seen += bool(line.strip())
-                if seen == row:
-                    return f"{src} line {number}"
-    if path.suffix in (".csv", ".parquet"):
-        return f"{src} row {row + 1}"
-    return f"{src} record {row + 1}"
+                if line.strip() and seen in wanted:
+                    lines[seen] = number
+        return "line", [lines.get(row, row + 1) for row in rows]
+    return "row" if path.suffix in (".csv", ".parquet") else "record", [row + 1 for row in rows]

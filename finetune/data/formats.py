@@ -15,7 +15,7 @@ with stage=kto only, never as SFT by mistake; internal KTO row: `prompt`, `compl
 
 Conversion never raises on a bad record: it returns a reason code and a sentence naming the field. That keeps the
 verdict inside the (cached, multi-process) `datasets.map` output, so `on_bad_record=skip` counts come from the data
-itself and `on_bad_record=error` can name the first bad record's file and line afterwards (load.py).
+itself and `on_bad_record=error` can count every bad record and name the first few by file and line (load.py).
 """
 
 from __future__ import annotations
@@ -26,6 +26,8 @@ from typing import Any, Optional, Union
 
 from datasets import Features, List, Value
 
+from finetune.data.files import original_row
+from finetune.data.kinds import Kind
 from finetune.data.turns import BadRecord, kind, message, parse_turn, parse_turns, tools_of
 from finetune.errors import UserError, did_you_mean
 
@@ -80,14 +82,14 @@ def check_stage(fmt: str, where: str, stage: str) -> None:
                         "set data.format=messages (or sharegpt)")
 
 
+def kind_of(fmt: str) -> Kind:
+    """The kind of data (kinds.py) a format holds: one kind per run."""
+    return "unpaired" if fmt == "kto" else "paired" if fmt in PREFERENCE else "conversations"
+
+
 def features(fmt: str) -> Features:
     """The internal row schema a format converts to."""
-    return KTO_FEATURES if fmt == "kto" else PREFERENCE_FEATURES if fmt in PREFERENCE else SFT_FEATURES
-
-
-def kind_of(fmt: str) -> str:
-    """sft, preference (pairs) or kto (single judged answers): one kind per run."""
-    return "kto" if fmt == "kto" else "preference" if fmt in PREFERENCE else "sft"
+    return {"unpaired": KTO_FEATURES, "paired": PREFERENCE_FEATURES, "conversations": SFT_FEATURES}[kind_of(fmt)]
 
 
 def _present(field: Field, present: set[str], columns: Mapping[str, str]) -> bool:
@@ -265,16 +267,17 @@ def to_kto(record: Mapping[str, Any], columns: Mapping[str, str], roles: Mapping
 
 
 def convert_batch(batch: dict[str, list], indices: list[int], *, fmt: str, columns: dict[str, str],
-                  roles: dict[str, str], src: str) -> dict[str, list]:
-    """Batched `datasets.map` function: rows of `fmt` → internal rows, bad ones marked in `_drop`/`_why`."""
+                  roles: dict[str, str], src: str, skipped: tuple[int, ...] = ()) -> dict[str, list]:
+    """Batched `datasets.map` function: rows of `fmt` → internal rows, bad ones marked in `_drop`/`_why`. `_row` is
+    the record's number in `src`, past the records `skipped` (sorted) that files.read_file could not load."""
     out: dict[str, list] = {k: [] for k in features(fmt)}
-    names = list(batch)
+    names, kind = list(batch), kind_of(fmt)
     for i, row in enumerate(indices):
         record = {name: batch[name][i] for name in names}
         try:
-            if fmt == "kto":
+            if kind == "unpaired":
                 converted = to_kto(record, columns, roles)
-            elif fmt in PREFERENCE:
+            elif kind == "paired":
                 converted = to_preference(record, columns, fmt, roles)
             else:
                 converted = {"messages": to_messages(record, fmt, columns, roles),
@@ -286,7 +289,7 @@ def convert_batch(batch: dict[str, list], indices: list[int], *, fmt: str, colum
         for key, value in converted.items():
             out[key].append(value)
         out["_src"].append(src)
-        out["_row"].append(row)
+        out["_row"].append(original_row(row, skipped))
         out["_drop"].append(drop)
         out["_why"].append(why)
     return out

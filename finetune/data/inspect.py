@@ -13,6 +13,7 @@ import numpy as np
 
 from finetune import atomic
 from finetune.data import files
+from finetune.data.kinds import NAMES, RENDERED
 from finetune.data.load import column, sources
 from finetune.data.pack import pack, padding_waste
 from finetune.data.render import prepare
@@ -55,21 +56,22 @@ def tokenizer_for(recipe: Any) -> tuple[Any, str]:
 
 
 def inspect(recipe: Any, tokenizer: Any, template: str, *, preview: int = 3) -> dict[str, Any]:
-    """The `finetune data --json` report: count, eval_count, dropped {reason: n}, truncated, tokens (stats of what
-    is trained on, after truncation), histogram (of rendered lengths before truncation), padding_waste, and
-    examples: the first `preview` training rows exactly as the trainer receives them."""
-    splits, dropped, preference = prepare(recipe, tokenizer, template)
+    """The `finetune data --json` report: kind (kinds.py), count, eval_count, dropped {reason: n}, skipped (how
+    many of those were bad records, left out under data.on_bad_record=skip; the rest had too long prompts),
+    truncated, tokens (stats of what is trained on, after truncation), histogram (of rendered lengths before
+    truncation), padding_waste, and examples: the first `preview` training rows exactly as the trainer receives
+    them."""
+    splits, dropped, kind = prepare(recipe, tokenizer, template)
     train = splits["train"]
     max_length = recipe.train.max_length
-    if preference:
-        kto = "label" in train.column_names  # KTO: one judged answer per row
-        keys = ["prompt_ids", "completion_ids", "label"] if kto else ["prompt_ids", "chosen_ids", "rejected_ids"]
+    preference = kind != "conversations"
+    keys = list(RENDERED[kind])
+    if preference:  # paired: the chosen answer is the one trained towards; unpaired: the judged answer
         prompts, chosen = column(train, "prompt_ids"), column(train, keys[1])
         lengths = [len(p) + len(c) for p, c in zip(prompts, chosen)]
         trained = sum(len(c) for c in chosen)
         rows = train
     else:
-        keys = ["input_ids", "labels"]
         labels = column(train, "labels")
         lengths = [len(row) for row in labels]
         trained = sum(sum(1 for v in row if v != IGNORE) for row in labels)
@@ -80,9 +82,12 @@ def inspect(recipe: Any, tokenizer: Any, template: str, *, preview: int = 3) -> 
     counts, edges = np.histogram(full or [0], bins=HISTOGRAM_BINS, range=(min(full or [0]), max(full or [0]) + 1))
     row_lengths = [len(r) for r in column(rows, keys[0])] if not preference else lengths
     return {
-        "template": template, "max_length": max_length, "packing": bool(recipe.data.packing and not preference),
+        "template": template, "kind": kind, "max_length": max_length,
+        "packing": bool(recipe.data.packing and not preference),
         "count": len(train), "eval_count": len(splits["eval"]) if "eval" in splits else 0,
-        "rows": len(rows), "dropped": dict(sorted(dropped.items())), "truncated": sum(column(train, "_truncated")),
+        "rows": len(rows), "dropped": dict(sorted(dropped.items())),
+        "skipped": sum(n for reason, n in dropped.items() if reason != "too_long_prompt"),
+        "truncated": sum(column(train, "_truncated")),
         "tokens": _stats(lengths, trained),
         "histogram": {"edges": [int(e) for e in edges], "counts": [int(c) for c in counts]},
         "padding_waste": {"micro_batch": recipe.train.micro_batch,
@@ -117,11 +122,14 @@ def render_inspect(report: dict[str, Any], tokenizer: Any) -> Any:
 
     table = Table(title=f"data · template {report['template']} · max_length {report['max_length']}",
                   show_header=False)
+    table.add_row("kind", NAMES[report["kind"]])
     table.add_row("training examples", str(report["count"]))
     if report["packing"]:
         table.add_row("packed rows", str(report["rows"]))
     table.add_row("held-out examples", str(report["eval_count"]))
     table.add_row("truncated", str(report["truncated"]))
+    if report["skipped"]:
+        table.add_row("bad records skipped (data.on_bad_record=skip)", str(report["skipped"]))
     for reason, n in report["dropped"].items() or [("", 0)]:
         table.add_row(f"dropped{': ' + reason if reason else ''}", str(n))
     tokens = report["tokens"]
@@ -152,11 +160,16 @@ def render_inspect(report: dict[str, Any], tokenizer: Any) -> Any:
         else:
             prompt = tokenizer.decode(first["prompt_ids"], skip_special_tokens=False)
             example.append(prompt, style="dim")
-            for key, style in (("chosen_ids", "bold green"), ("rejected_ids", "red")):
-                if key == "rejected_ids":
-                    example.append("\nrejected: ", style="bold")
+            answers = (("chosen_ids", "bold green", ""), ("rejected_ids", "red", "\nrejected: ")) \
+                if report["kind"] == "paired" else \
+                (("completion_ids", "bold green" if first["label"] else "red", ""),)
+            for key, style, heading in answers:
+                example.append(heading, style="bold")
                 text = tokenizer.decode(first["prompt_ids"] + first[key], skip_special_tokens=False)
                 example.append(text[len(prompt):], style=style)
+            if report["kind"] == "unpaired":
+                example.append(f"\njudged {'good' if first['label'] else 'bad'} (label {first['label']})",
+                               style="bold")
     return Group(table, lines, example)
 
 

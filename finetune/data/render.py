@@ -33,6 +33,7 @@ from datasets import DatasetDict, Features, List, Value
 from datasets.fingerprint import Hasher
 
 from finetune.data import load
+from finetune.data.kinds import Kind
 from finetune.models import chat
 from finetune.models.chat.format import ChatFormat
 from finetune.models.chat.labels import IGNORE
@@ -230,12 +231,15 @@ def render_kto_batch(batch: dict[str, list], *, template: str, tokenizer: Any, m
     return out
 
 
-def prepare(recipe: Any, tokenizer: Any, template: str) -> tuple[DatasetDict, Counter, bool]:
+RENDER = {"conversations": render_batch, "paired": render_preference_batch, "unpaired": render_kto_batch}
+"""The map function that renders each kind of loaded data (kinds.py)."""
+
+
+def prepare(recipe: Any, tokenizer: Any, template: str) -> tuple[DatasetDict, Counter, Kind]:
     """Load and render every split (cached by fingerprint: a second run tokenizes nothing). Returns the rendered
-    splits with their bookkeeping columns, the dropped counts by reason, and whether it is preference data."""
-    splits, dropped, preference = load.load_splits(recipe)
-    kto = "label" in splits["train"].column_names
-    function = render_kto_batch if kto else render_preference_batch if preference else render_batch
+    splits with their bookkeeping columns, the dropped counts by reason, and the kind of data."""
+    splits, dropped, kind = load.load_splits(recipe)
+    function = RENDER[kind]
     code = load.code_hash(Path(__file__), *chat.SOURCES)
     kwargs = {"template": template, "tokenizer": tokenizer, "max_length": recipe.train.max_length,
               "system_prompt": recipe.data.system_prompt}
@@ -243,10 +247,11 @@ def prepare(recipe: Any, tokenizer: Any, template: str) -> tuple[DatasetDict, Co
     rendered = {}
     for name, split in splits.items():
         ds = split.map(function, batched=True, remove_columns=split.column_names, fn_kwargs=kwargs,
-                       features=None if preference else RENDERED_FEATURES,
+                       features=RENDERED_FEATURES if kind == "conversations" else None,
                        num_proc=load.procs(recipe.data.num_proc, len(split)), desc=f"Tokenizing {name}",
                        new_fingerprint=load.fingerprint(split._fingerprint, function.__name__, template, tok,
                                                         recipe.train.max_length, recipe.data.system_prompt, code))
-        rendered[name], bad = load.settle(ds, recipe.data.on_bad_record, policy=("too_long_prompt",))
+        rendered[name], bad = load.settle(ds, recipe.data.on_bad_record, policy=("too_long_prompt",),
+                                          verb="refused")
         dropped += bad
-    return DatasetDict(rendered), dropped, preference
+    return DatasetDict(rendered), dropped, kind

@@ -1,8 +1,10 @@
 """Every input format becomes the same internal conversation; every kind of bad input is one clear message naming
-the file, the line and the field (or, with data.on_bad_record=skip, a count by reason)."""
+the file, the line and the field, counting every bad record of the file (or, with data.on_bad_record=skip, a count
+by reason and a warning)."""
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -93,9 +95,9 @@ def test_detect_names_the_columns_it_saw_when_no_format_fits():
                                   "preference_zh_en.jsonl", "text_facts.jsonl"])
 def test_shipped_samples_load_without_a_single_bad_record(path):
     repo = Path(__file__).resolve().parents[2]
-    train, dropped, preference = splits(repo / "data" / path)
+    train, dropped, kind = splits(repo / "data" / path)
     assert dropped == {} and len(train["train"]) >= 28
-    assert preference == path.startswith("preference")
+    assert kind == ("paired" if path.startswith("preference") else "conversations")
 
 
 def test_each_format_loads_from_a_file_into_the_same_schema(tmp_path):
@@ -136,19 +138,69 @@ def test_bad_record_is_fatal_with_file_line_and_field(tmp_path, case):
     with pytest.raises(UserError) as err:
         splits(path)
     message = str(err.value)
-    assert f"{path} line {line + 2}" in message and words in message
-    assert "data.on_bad_record=skip" in message
+    assert message.startswith(f"{path}: 1 of 2 records is malformed: line {line + 2}: ") and words in message
+    assert message.endswith("fix it, or set data.on_bad_record=skip to train on the other 1")
 
 
 @pytest.mark.parametrize("case", sorted(BAD))
-def test_bad_record_is_skipped_and_counted_and_the_file_is_untouched(tmp_path, case):
-    records, _, reason, _ = BAD[case]
+def test_bad_record_is_skipped_and_counted_and_the_file_is_untouched(tmp_path, case, caplog):
+    records, _, reason, words = BAD[case]
     path = jsonl(tmp_path / "train.jsonl", [*records, *records[:1]])
     before = hashlib.sha256(path.read_bytes()).hexdigest()
-    data, dropped, _ = splits(path, "data.on_bad_record=skip")
+    with caplog.at_level(logging.WARNING, logger="finetune.data"):
+        data, dropped, _ = splits(path, "data.on_bad_record=skip")
     assert dropped == {reason: 1}
     assert len(data["train"]) == 2
     assert hashlib.sha256(path.read_bytes()).hexdigest() == before
+    [warning] = [r.getMessage() for r in caplog.records if r.name.startswith("finetune.data")]
+    assert warning.startswith(f"{path}: 1 of 3 records is malformed: line 2: ") and words in warning
+    assert warning.endswith("; left out (data.on_bad_record=skip)")
+
+
+def numbered(n: int) -> list[dict]:
+    return [{"instruction": f"What is {i} plus 1?", "output": f"{i + 1}."} for i in range(n)]
+
+
+def test_every_bad_record_of_a_file_is_counted_and_the_first_few_named(tmp_path):
+    """LLaMA-Factory's demo files hold a few malformed records among hundreds (it skips them with a warning): the
+    error says how many and where before the user chooses to skip them."""
+    records = numbered(300)
+    del records[16]["output"], records[203]["output"]
+    path = tmp_path / "x.json"
+    path.write_text(json.dumps(records, ensure_ascii=False), encoding="utf-8")
+    with pytest.raises(UserError) as err:
+        splits(path)
+    assert str(err.value) == (f"{path}: 2 of 300 records are malformed (records 17, 204): record 17: 'output' is "
+                              "missing; fix them, or set data.on_bad_record=skip to train on the other 298")
+    data, dropped, _ = splits(path, "data.on_bad_record=skip")
+    assert dropped == {"missing_field": 2} and len(data["train"]) == 298
+
+
+def test_unreadable_lines_and_bad_records_are_counted_together_by_their_lines(tmp_path):
+    good = [json.dumps(r) for r in numbered(4)]
+    path = jsonl(tmp_path / "x.jsonl", [good[0], '{"instruction": "a" "output": "b"}', "", good[1],
+                                        '{"instruction": "c"}', good[2], "[1, 2]", good[3]])
+    with pytest.raises(UserError) as err:
+        splits(path)
+    assert str(err.value).startswith(f"{path}: 3 of 7 records are malformed (lines 2, 5, 7): line 2: not valid JSON")
+    assert str(err.value).endswith("to train on the other 4")
+    data, dropped, _ = splits(path, "data.on_bad_record=skip")
+    assert dropped == {"malformed_json": 2, "missing_field": 1}
+    assert [m[0]["content"] for m in data["train"]["messages"]] == [f"What is {i} plus 1?" for i in range(4)]
+    assert data["train"]["_row"] == [0, 2, 4, 6]  # rows keep their number in the user's file
+
+
+def test_past_a_few_bad_records_the_rest_are_counted(tmp_path):
+    path = jsonl(tmp_path / "x.jsonl", [*([{"instruction": "a"}] * 8), *numbered(2)])
+    with pytest.raises(UserError, match=r": 8 of 10 records are malformed \(lines 1, 2, 3, 4, 5 and 3 more\): line 1: "):
+        splits(path)
+
+
+def test_a_file_whose_every_record_is_unreadable_says_so(tmp_path):
+    path = jsonl(tmp_path / "x.jsonl", ["{oops", "", "[]"])
+    with pytest.raises(UserError, match=r"x\.jsonl: 2 of 2 records are malformed \(lines 1, 3\): line 1: not valid "
+                                        r"JSON .*; no record of it can be read"):
+        splits(path, "data.on_bad_record=skip")
 
 
 def test_missing_file_is_named():

@@ -86,9 +86,9 @@ def splits(*overrides: str):
 
 
 def test_an_alpaca_entry_loads_by_name(folder):
-    data, dropped, preference = splits("data.name=alpaca_zh_demo", f"data.dir={folder}")
+    data, dropped, kind = splits("data.name=alpaca_zh_demo", f"data.dir={folder}")
     assert [row[1]["content"] for row in data["train"]["messages"]] == ["1", "2", "3"]
-    assert dropped == {} and not preference
+    assert dropped == {} and kind == "conversations"
 
 
 def test_llama_factory_column_names_map_to_the_alpaca_fields(folder):

@@ -171,10 +171,11 @@ def test_conversation_the_template_refuses_is_fatal_or_counted(tokenizer, tmp_pa
     tok = tokenizer("llama2")
     bad = [{"role": "user", "content": "What does [INST] mean?"}, {"role": "assistant", "content": "A tag."}]
     path = jsonl(tmp_path / "chat.jsonl", [{"messages": CONVERSATION}, {"messages": bad}])
-    with pytest.raises(UserError, match=rf"{path} line 2: the llama2 template refuses .*\[INST\]"):
+    with pytest.raises(UserError, match=rf"{path}: 1 of 2 records is refused: line 2: the llama2 template refuses "
+                                        r".*\[INST\].*to train on the other 1"):
         build(recipe("llama2", path), tok, "llama2")
     report = inspect(recipe("llama2", path, "data.on_bad_record=skip"), tok, "llama2")
-    assert report["dropped"] == {"template": 1} and report["count"] == 1
+    assert report["dropped"] == {"template": 1} and report["skipped"] == 1 and report["count"] == 1
 
 
 def test_inspect_report_matches_build_and_renders(tokenizer, tmp_path):

@@ -101,8 +101,8 @@ def test_tool_data_reaches_the_trainer_as_the_family_tool_format(tmp_path, famil
 def test_a_family_without_a_tool_format_names_the_record_and_the_reason(tmp_path):
     path = jsonl(tmp_path / "tools.jsonl", [{"conversations": [{"from": "human", "value": "Hi"},
                                                                {"from": "gpt", "value": "Hello"}]}, SHAREGPT_TOOLS])
-    with pytest.raises(UserError, match=rf"{path} line 2: the llama2 template refuses this conversation: "
-                                        "Llama-2-chat has no official tool-call format"):
+    with pytest.raises(UserError, match=rf"{path}: 1 of 2 records is refused: line 2: the llama2 template refuses "
+                                        "this conversation: Llama-2-chat has no official tool-call format"):
         build(recipe(path, family="llama2"), bundled_tokenizer("llama2"), "llama2")
     rendered, dropped, _ = render.prepare(recipe(path, "data.on_bad_record=skip", family="llama2"),
                                           bundled_tokenizer("llama2"), "llama2")
@@ -124,8 +124,8 @@ def test_a_non_text_part_is_a_clear_bad_record_naming_the_line(tmp_path, part):
     bad = {"messages": [{"role": "user", "content": [{"type": "text", "text": "What is this?"}, part]},
                         {"role": "assistant", "content": "A cat."}]}
     path = jsonl(tmp_path / "mm.jsonl", [good, bad])
-    with pytest.raises(UserError, match=rf"{path} line 2: messages\[0\]\.content\[1\] is a '{part['type']}' part: "
-                                        "images/audio are not supported"):
+    with pytest.raises(UserError, match=rf"{path}: 1 of 2 records is malformed: line 2: messages\[0\]\.content\[1\] "
+                                        rf"is a '{part['type']}' part: images/audio are not supported"):
         load.load_splits(recipe(path))
     data, dropped, _ = load.load_splits(recipe(path, "data.on_bad_record=skip"))
     assert dropped == {"not_text": 1} and len(data["train"]) == 1
@@ -146,8 +146,8 @@ PREFERENCE_LAYOUTS = {
 def test_every_preference_layout_is_detected_and_loads_the_same_rows(tmp_path, layout):
     path = jsonl(tmp_path / "dpo.jsonl", [PREFERENCE_LAYOUTS[layout]])
     assert formats.detect(PREFERENCE_LAYOUTS[layout], {}, "x") == layout
-    data, dropped, preference = load.load_splits(recipe(path))
-    assert preference and dropped == {}
+    data, dropped, kind = load.load_splits(recipe(path))
+    assert kind == "paired" and dropped == {}
     row = data["train"][0]
     assert (row["prompt"], row["chosen"], row["rejected"], row["tools"]) == (
         [{"role": "user", "content": "2+3?", "tool_calls": None}], "5", "6", None)
@@ -182,17 +182,17 @@ def test_kto_records_are_detected_and_train_with_stage_kto_only(tmp_path, record
     path = jsonl(tmp_path / "kto.jsonl", [record])
     with pytest.raises(UserError, match=r"KTO records .*they train with stage=kto, not stage=sft"):
         load.load_splits(recipe(path))
-    data, _, preference = load.load_splits(recipe(path, "stage=kto"))
+    data, _, kind = load.load_splits(recipe(path, "stage=kto", "train.micro_batch=2"))
     row = data["train"][0]
-    assert preference and row["label"] == record["label"] and row["completion"] in ("5", "6")
+    assert kind == "unpaired" and row["label"] == record["label"] and row["completion"] in ("5", "6")
     assert (row["prompt"][-1]["role"], row["prompt"][-1]["content"]) == ("user", "2+3?")
 
 
 def test_kto_conversations_train_as_sft_only_when_named_so(tmp_path):
     record = {"messages": [{"role": "user", "content": "2+3?"}, {"role": "assistant", "content": "5"}],
               "label": True}
-    data, _, preference = load.load_splits(recipe(jsonl(tmp_path / "kto.jsonl", [record]), "data.format=messages"))
-    assert not preference and data["train"][0]["messages"][1]["content"] == "5"
+    data, _, kind = load.load_splits(recipe(jsonl(tmp_path / "kto.jsonl", [record]), "data.format=messages"))
+    assert kind == "conversations" and data["train"][0]["messages"][1]["content"] == "5"
 
 
 @pytest.mark.parametrize("record,reason,words", [

@@ -133,7 +133,7 @@ def test_deep_nesting_is_one_clear_error_naming_the_line_never_a_crash(tmp_path)
         from finetune.errors import UserError
         for name in ("deep.jsonl", "deep.json"):
             try:
-                files.read_file(Path({str(tmp_path)!r}) / name, "error")
+                files.read_file(Path({str(tmp_path)!r}) / name)
             except UserError as exc:
                 print(exc)
     """)
