@@ -36,8 +36,8 @@ def test_dpo_after_sft_continues_the_adapter_and_prefers_chosen(tmp_path, monkey
                                  f"data.path={REPO / 'data' / 'messages_system.jsonl'}", "data.max_samples=2",
                                  "train.max_steps=1", "train.lr=1e-2", "train.sample_prompts=0"]))
     dpo = run(config.load(None, [*COMMON, "stage=dpo", f"output_dir={tmp_path / 'dpo'}",
-                                 f"data.path={REPO / 'data' / 'preference_zh_en.jsonl'}", "data.format=preference",
-                                 "data.max_samples=2", "train.max_steps=3", "train.lr=5e-3", "dpo.beta=0.1",
+                                 f"data.path={REPO / 'data' / 'preference_zh_en.jsonl'}", "data.max_samples=2",
+                                 "train.max_steps=3", "train.lr=5e-3", "dpo.beta=0.1",
                                  f"dpo.sft_run={sft.path}", "report_to=wandb"]))
     rows = [json.loads(line) for line in dpo.metrics_file.read_text().splitlines()]
     losses = [r["loss"] for r in rows if "loss" in r]
