@@ -18,7 +18,8 @@ import pytest
 import sentencepiece as spm
 import tiktoken
 
-from finetune.models import chat, tokenizers
+from finetune.models import chat, registry, tokenizers
+from finetune.models.chat.format import ChatFormat
 from finetune.models.tokenizers import bundled_tokenizer
 
 FIX = tokenizers.BUNDLED
@@ -335,6 +336,20 @@ def test_unknown_template_or_foreign_tokenizer_raise_value_error():
         chat.get("vicuna").encode_prompt(bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
     with pytest.raises(ValueError, match="not a chatglm3 tokenizer"):
         chat.get("chatglm3").encode_prompt(bundled_tokenizer("llama2"), [{"role": "user", "content": "a"}])
+
+
+def test_each_family_refers_to_its_one_registered_format():
+    assert {family.name: family.chat for family in registry.FAMILIES} == chat.FORMATS
+    assert all(family.template == family.chat.name for family in registry.FAMILIES)
+
+
+def test_a_format_states_its_tool_format_or_why_it_has_none():
+    render = chat.get("llama2").render
+    with pytest.raises(TypeError, match="either a tool format or the reason"):
+        ChatFormat("plain", render, ("</s>",), hf_template="", ollama_template="", plain_contents=True)
+    with pytest.raises(TypeError, match="either a tool format or the reason"):
+        ChatFormat("both", render, ("</s>",), hf_template="", ollama_template="", plain_contents=True,
+                   tools=chat.get("qwen2_5").tools, no_tools="none")
 
 
 # ---- segment boundaries: contents that start or end with whitespace or newlines ----
