@@ -31,6 +31,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from finetune import config, rundir
 from finetune.models import native, registry
 from finetune.models.tokenizers import bundled_tokenizer_dir
+from finetune.runfiles import RunBase
 
 name, work = sys.argv[1], Path(sys.argv[2])
 spec = registry.spec(name)
@@ -43,8 +44,8 @@ if not (base / "config.json").is_file():
     del model
 recipe = config.load(None, [f"model={name}", "method=lora", "lora.r=16", "train.max_length=2048", "overwrite=true"])
 run = rundir.create(recipe, work / "run")
-run.write_base({"path": str(base), "model": name, "family": spec.family.name, "template": spec.family.template,
-                "native_class": spec.native_class, "source": "random"})
+run.write_base(RunBase(path=str(base), model=name, family=spec.family.name, template=spec.family.template,
+                       native_class=spec.native_class, source="random"))
 model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.bfloat16)
 peft_model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=list(spec.family.lora_targets)))
 with torch.no_grad():

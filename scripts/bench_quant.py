@@ -31,9 +31,9 @@ def main() -> None:
     args = parser.parse_args()
     run = open_run(args.run)
     files, merged = run.export_dir("gguf"), run.export_dir("merged")
-    tokenizer, template = AutoTokenizer.from_pretrained(merged), run.base()["template"]
+    tokenizer, template = AutoTokenizer.from_pretrained(merged), run.base().template
     start = time.perf_counter()
-    reference = verify.Reference.build(merged, Path(run.base()["path"]), pipeline.general_text(tokenizer),
+    reference = verify.Reference.build(merged, run.base().directory, pipeline.general_text(tokenizer),
                                        pipeline.trained_prompts(run, tokenizer, template),
                                        chat.get(template).stop_token_ids(tokenizer))
     print(f"reference (merged + base in transformers): {time.perf_counter() - start:.0f} s")

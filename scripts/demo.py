@@ -153,7 +153,7 @@ def ask_all(run: RunDir, modelfile: Path, general: bool) -> list[Answer]:
 
     recipe, base_info, merged = run.recipe(), run.base(), run.export_dir("merged")
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    fmt = chat.get(base_info["template"])
+    fmt = chat.get(base_info.template)
     stops = fmt.stop_token_ids(tokenizer)
     system = recipe.data.system_prompt or fmt.default_system
     head = [{"role": "system", "content": system}] if system else []
@@ -170,7 +170,7 @@ def ask_all(run: RunDir, modelfile: Path, general: bool) -> list[Answer]:
     prompts = [fmt.encode_prompt(tokenizer, [*head, {"role": "user", "content": q}])
                for q, *_ in questions]
     answers: dict[str, list[list[int]]] = {}
-    for name, path in (("before", base_info["path"]), ("after", merged)):  # one model in memory at a time
+    for name, path in (("before", base_info.path), ("after", merged)):  # one model in memory at a time
         model = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
         answers[name] = [greedy_hf(model, p, stops, limit) for p, (*_, limit) in zip(prompts, questions)]
         del model

@@ -1,4 +1,4 @@
-"""The key=value options of `finetune chat` and `finetune serve` (schemas for cli._options, no heavy imports).
+"""The key=value options of `finetune chat` and `finetune serve` (schemas for cli._infer_options, no heavy imports).
 
 What to load is the same for both (and for `finetune eval`): `run=` a training run, or `model=` a registry name, hub
 id or local directory, with an optional `adapter=` (one PEFT adapter) or `adapters=name:path,...` (several, chosen

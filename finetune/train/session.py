@@ -40,6 +40,7 @@ from finetune.models import chat, gguf_base, hub, registry
 from finetune.models.hub import ResolvedModel
 from finetune.models.registry import ModelSpec
 from finetune.rundir import RunDir
+from finetune.runfiles import RunBase
 from finetune.plan import OPTIMIZERS
 from finetune.schema import trains_weights
 from finetune.train import callbacks, distributed, report
@@ -193,12 +194,12 @@ def resume_target(recipe: Recipe) -> Optional[RunDir]:
     return None
 
 
-def base_info(recipe: Recipe, spec: Optional[ModelSpec], model: ResolvedModel) -> dict[str, Any]:
+def base_info(recipe: Recipe, spec: Optional[ModelSpec], model: ResolvedModel) -> RunBase:
     """base.json: what export needs to find and format the base model again."""
-    return {"path": str(model.path), "source": model.source, "model": spec.name if spec else recipe.model,
-            "variant": spec.variant.name if spec else None, "family": spec.family.name if spec else None,
-            "template": spec.family.template if spec else None, "native_class": spec.native_class if spec else None,
-            "method": recipe.method}
+    return RunBase(path=str(model.path), source=model.source, model=spec.name if spec else recipe.model,
+                   variant=spec.variant.name if spec else None, family=spec.family.name if spec else None,
+                   template=spec.family.template if spec else None,
+                   native_class=spec.native_class if spec else None, method=recipe.method)
 
 
 def trainer_args(config_class: type, session: Session, *, has_eval: bool, **extra: Any):
@@ -272,12 +273,10 @@ def _finish(session: Session, trainer: Any, samples: list[report.Sample]) -> Run
     if where.is_main and samples:
         report.generate(trainer.model, trainer.processing_class, samples, stop_ids(session, trainer.processing_class),
                         "after")
-    summary = {**report.summarize(session, trainer, result.metrics, peak.peak),
-               "ranks": where.gather(distributed.rank_info(trainer)),
-               **({"trust_remote_code": session.trust_remote_code} if session.trust_remote_code else {})}
+    summary = report.summarize(session, trainer, result.metrics, peak.peak,
+                               where.gather(distributed.rank_info(trainer)), weights)
     if where.is_main:
-        summary["weights"] = str(weights)
-        atomic.write_json(run.summary_file, summary)
+        run.write_summary(summary)
         report.write(run, summary, samples, trainer.processing_class)
         report.say_goodbye(session.console, summary, run)
     where.barrier()

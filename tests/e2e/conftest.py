@@ -47,7 +47,7 @@ class Reference:
 
         self.run, self.info = run, run.base()
         self.tokenizer = AutoTokenizer.from_pretrained(run.adapter_dir)
-        self.chat = chat.get(self.info["template"])
+        self.chat = chat.get(self.info.template)
         self.stops = self.chat.stop_token_ids(self.tokenizer)
         self.system = run.recipe().data.system_prompt
         self.models: dict[Path, object] = {}
@@ -72,7 +72,7 @@ class Reference:
             from peft import PeftModel
             from transformers import AutoModelForCausalLM
 
-            base = AutoModelForCausalLM.from_pretrained(self.info["path"], dtype=torch.float32)
+            base = AutoModelForCausalLM.from_pretrained(self.info.path, dtype=torch.float32)
             self.models[adapter] = PeftModel.from_pretrained(base, adapter).eval()
         return self.models[adapter]
 

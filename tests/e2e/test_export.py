@@ -22,6 +22,7 @@ from finetune.export import llamacpp
 from finetune.export.llamacpp import SETUP_COMMAND
 from finetune.models import chat, registry
 from finetune.models.tiny import cached_tiny
+from finetune.runfiles import RunBase
 
 pytestmark = [pytest.mark.e2e, pytest.mark.llamacpp]
 
@@ -33,8 +34,8 @@ def make_run(model_name: str, path: Path, *, method: str = "lora") -> rundir.Run
     recipe = config.load(None, [f"model={model_name}", f"method={method}", "train.max_length=512",
                                 "train.precision=fp32"])
     run = rundir.create(recipe, path)
-    run.write_base({"path": str(cached_tiny(model_name)), "model": model_name, "family": spec.family.name,
-                    "template": spec.family.template, "native_class": spec.native_class, "source": "tiny"})
+    run.write_base(RunBase(path=str(cached_tiny(model_name)), model=model_name, family=spec.family.name,
+                           template=spec.family.template, native_class=spec.native_class, source="tiny"))
     return run
 
 
@@ -48,8 +49,8 @@ def lora_model(run: rundir.RunDir, *, quantized: bool = False, seed: int = 0):
     info = run.base()
     quant = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                bnb_4bit_compute_dtype=torch.float32) if quantized else None
-    model = AutoModelForCausalLM.from_pretrained(info["path"], dtype=torch.float32, quantization_config=quant)
-    targets = list(registry.family(info["family"]).lora_targets)
+    model = AutoModelForCausalLM.from_pretrained(info.path, dtype=torch.float32, quantization_config=quant)
+    targets = list(registry.family(info.family).lora_targets)
     peft_model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=targets))
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -114,7 +115,7 @@ def test_lora_gguf_loads_on_the_base_gguf(exported, llama_cpp):
 
 
 def test_ollama_template_tokenizes_to_the_training_prompt_ids(exported, go_render, llama_cpp, multi_turn_chat):
-    """DECISIONS "Export": the Modelfile's TEMPLATE rendered by Go, tokenized by the exported GGUF in llama.cpp
+    """What Ollama will run: the Modelfile's TEMPLATE rendered by Go, tokenized by the exported GGUF in llama.cpp
     (special tokens parsed, BOS as the GGUF says) = our data pipeline's inference prompt ids, exactly."""
     from transformers import AutoTokenizer
 
@@ -125,8 +126,8 @@ def test_ollama_template_tokenizes_to_the_training_prompt_ids(exported, go_rende
     source = re.search(r"^FROM \./(\S+)$", modelfile, re.M).group(1)  # the route that passed verification
     gguf_vocab = _vocab(llama_cpp, result.ollama / source)
     ids = gguf_vocab.tokenize(text.encode(), add_bos=True, special=True)
-    expected = chat.get(run.base()["template"]).encode_prompt(AutoTokenizer.from_pretrained(result.merged),
-                                                              multi_turn_chat)
+    expected = chat.get(run.base().template).encode_prompt(AutoTokenizer.from_pretrained(result.merged),
+                                                           multi_turn_chat)
     assert ids == expected
 
 
@@ -169,7 +170,7 @@ def test_qlora_merge_uses_the_16bit_base_not_the_4bit_one(tmp_path):
     assert "quantization_config" not in json.loads((merged / "config.json").read_text())
 
     ids = torch.tensor([[11, 220, 3555, 374, 279, 6722, 30, 151645]])
-    base16 = AutoModelForCausalLM.from_pretrained(run.base()["path"], dtype=torch.float32)
+    base16 = AutoModelForCausalLM.from_pretrained(run.base().path, dtype=torch.float32)
     with torch.no_grad():
         got = AutoModelForCausalLM.from_pretrained(merged, dtype=torch.float32)(ids).logits
         want = PeftModel.from_pretrained(base16, run.adapter_dir)(ids).logits
@@ -235,8 +236,8 @@ def test_awq_export_is_compressed_tensors_with_perplexity_report_and_vllm_lines(
     recipe = config.load(None, ["model=tiny_qwen2_5", "method=lora", f"data.path={data}", "train.max_length=256",
                                 "train.precision=fp32"])
     run = rundir.create(recipe, tmp_path / "run")
-    run.write_base({"path": str(base), "model": "tiny_qwen2_5", "family": "qwen2_5", "template": "qwen2_5",
-                    "native_class": "Qwen2ForCausalLM", "source": "test"})
+    run.write_base(RunBase(path=str(base), model="tiny_qwen2_5", family="qwen2_5", template="qwen2_5",
+                           native_class="Qwen2ForCausalLM", source="test"))
     add_adapter(run)
 
     merged = pipeline.export(run.path, "merged").merged  # small calibration: AWQ's grid search is slow on CPU

@@ -81,7 +81,7 @@ def test_reward_model_ranks_chosen_first_and_exports_with_its_head(cli, tmp_path
     done = cli("export", f"run={run.path}", "to=merged")
     assert done.returncode == 0, done.stderr[-3000:]
     merged = AutoModelForSequenceClassification.from_pretrained(run.export_dir("merged"), dtype=torch.float32)
-    base = AutoModelForSequenceClassification.from_pretrained(run.base()["path"], dtype=torch.float32, num_labels=1)
+    base = AutoModelForSequenceClassification.from_pretrained(run.base().path, dtype=torch.float32, num_labels=1)
     trained = PeftModel.from_pretrained(base, run.adapter_dir).eval()
     ids = torch.tensor([[9707, 11, 1879, 0, 151645]])
     with torch.no_grad():
@@ -153,7 +153,7 @@ def test_pissa_and_olora_adapters_apply_to_the_original_base(tmp_path, init):
 
     run = sft(tmp_path / init, f"lora.init={init}")
     assert losses_fall(run.path)
-    base_path = run.base()["path"]
+    base_path = run.base().path
     trained_cfg = json.loads((run.checkpoints_dir / "checkpoint-3" / "adapter_config.json").read_text())
     # the model as training left it: the base changed by the same (deterministic) init, the step-3 adapter on it
     residual = get_peft_model(AutoModelForCausalLM.from_pretrained(base_path, dtype=torch.float32), LoraConfig(
@@ -203,7 +203,7 @@ def test_freeze_trains_only_the_last_layers_and_saves_a_full_model(tmp_path):
 
     run = sft(tmp_path / "freeze", "method=freeze", "freeze.layers=1", "train.lr=1e-3")
     assert losses_fall(run.path) and run.has_full_model
-    before = {k: v for f in Path(run.base()["path"]).glob("*.safetensors") for k, v in load_file(f).items()}
+    before = {k: v for f in run.base().directory.glob("*.safetensors") for k, v in load_file(f).items()}
     after = {k: v for f in run.model_dir.glob("*.safetensors") for k, v in load_file(f).items()}
     last = max(int(k.split(".")[2]) for k in before if k.startswith("model.layers."))
     changed = {k for k in before if k in after and not torch.equal(before[k], after[k])}

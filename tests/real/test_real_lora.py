@@ -122,7 +122,7 @@ def test_a_gguf_that_lost_the_finetune_fails_verification(exported, real_gguf):
     merged = exported.export_dir("merged")
     tokenizer = AutoTokenizer.from_pretrained(merged)
     reference = verify.Reference.build(
-        merged, Path(exported.base()["path"]), pipeline.general_text(tokenizer)[:2],
+        merged, exported.base().directory, pipeline.general_text(tokenizer)[:2],
         pipeline.trained_prompts(exported, tokenizer, "qwen2_5"), chat.get("qwen2_5").stop_token_ids(tokenizer))
     check = verify.compare(reference, verify.Route(real_gguf, "q4_k_m"))
     assert check.lost_finetune and not check.passed
