@@ -39,9 +39,9 @@ from finetune.estimate.report import estimate_report
 from finetune.models import chat, gguf_base, hub, registry
 from finetune.models.hub import ResolvedModel
 from finetune.models.registry import ModelSpec
+from finetune.plan import OPTIMIZERS
 from finetune.rundir import RunDir
 from finetune.runfiles import RunBase
-from finetune.plan import OPTIMIZERS
 from finetune.schema import trains_weights
 from finetune.train import callbacks, distributed, report
 from finetune.train.distributed import Launch
