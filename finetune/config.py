@@ -16,9 +16,9 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from finetune import shipped
+from finetune import shipped, stages
 from finetune.errors import UserError, did_you_mean
-from finetune.schema import Recipe, choices
+from finetune.schema import Recipe, choices, trains_weights
 
 OmegaConf.register_resolver("sample", shipped.sample, replace=True)
 """`data.path: ${sample:alpaca_zh_en.json}` in a recipe: a sample set inside the package, found wherever you run."""
@@ -170,6 +170,11 @@ def _validate(recipe: Recipe, where: str) -> None:
                         f"{recipe.grpo.top_p} and {recipe.grpo.top_k}")
     if recipe.train.logits == "full" and recipe.stage != "sft":
         raise UserError(f"{where}: train.logits=full is for stage=sft; stage={recipe.stage} scores tokens its own way")
+    if recipe.lora.plus_ratio is not None and trains_weights(recipe.method):
+        raise UserError(f"{where}: lora.plus_ratio is for method=lora/qlora (it scales the adapters' B matrices), "
+                        f"not method={recipe.method}")
+    for problem in stages.problems(recipe):
+        raise UserError(f"{where}: {problem}")
     if recipe.model == "???":
         raise UserError(f"{where}: no model given; add model=NAME (`finetune list models`) or a local directory")
     _validate_model(recipe, where)

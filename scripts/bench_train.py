@@ -2,6 +2,7 @@
 
     .venv/bin/python scripts/bench_train.py [--model tiny_llama2] [--reps 5] [--steps 20] [--json]
     .venv/bin/python scripts/bench_train.py --real [--reps 3] [--steps 8] [--precision fp32|bf16]
+        [--plain-precision fp32|bf16] [--without trained_positions_head]
 
 Both trainers run in this one process, alternating (finetune first on even repetitions, plain TRL first on odd
 ones), on the same model, the same token ids (data.build's rows, fed to both) and the same settings; one warm-up
@@ -16,6 +17,10 @@ shipped samples. It prints tokens/s per pair and the ratio, their median and spr
 (CUDA: max_memory_allocated; CPU: the process's resident memory above what it held before the run, sampled every
 20 ms), the loss curves side by side with their largest relative difference, and MFU (scripts/mfu.py) against this
 machine's own matmul peak in the run's dtype, measured in this run.
+
+`--plain-precision` trains plain TRL in another dtype than ours (ours in bf16 against TRL's CPU default, fp32);
+`--without trained_positions_head` runs ours without that lever (finetune.train.trl_compat: the LM head projects
+every position, as TRL does on CPU), to measure what the lever gives.
 
 On a shared 2-core machine the figures are noisy: read the median and the spread, not one repetition.
 """
@@ -84,6 +89,16 @@ class Setting:
         from finetune import config
 
         return config.load(None, self.overrides(out))
+
+
+def _plain_head() -> None:
+    from finetune.train import trl_compat
+
+    trl_compat.loss_head_on_trained_positions_only = contextlib.nullcontext
+
+
+LEVERS = {"trained_positions_head": _plain_head}
+"""What `--without` turns off in ours."""
 
 
 @dataclass
@@ -259,14 +274,16 @@ def mean_row_tokens(s: Setting) -> float:
     return statistics.mean(lengths)
 
 
-def alternate(s: Setting, work: Path, reps: int, warmup: bool) -> list[dict[str, Run]]:
+def alternate(s: Setting, work: Path, reps: int, warmup: bool, plain: Optional[Setting] = None
+              ) -> list[dict[str, Run]]:
+    """`plain`: plain TRL's setting when it differs from ours (another dtype)."""
+    plain = plain or s
     if warmup:
-        short = dataclasses.replace(s, steps=2)
-        run_ours(short, work), run_plain(short, work)  # library warm-up, discarded
+        run_ours(dataclasses.replace(s, steps=2), work), run_plain(dataclasses.replace(plain, steps=2), work)
     pairs = []
     for rep in range(reps):
         order = ("finetune", "plain") if rep % 2 == 0 else ("plain", "finetune")
-        got = {name: (run_ours if name == "finetune" else run_plain)(s, work) for name in order}
+        got = {name: run_ours(s, work) if name == "finetune" else run_plain(plain, work) for name in order}
         pairs.append(got)
         print(f"pair {rep + 1}/{reps} ({' then '.join(order)}): finetune {got['finetune'].tokens_per_s:.1f} tok/s, "
               f"plain TRL {got['plain'].tokens_per_s:.1f} tok/s, ratio "
@@ -280,12 +297,15 @@ def real_main(args: argparse.Namespace, work: Path) -> dict:
     s = Setting(model=real_model_path(), data=write_realistic_data(work / "zh_en_realistic.json"), steps=args.steps,
                 micro_batch=2, max_length=256, precision=args.precision, lr=2e-4, lora_r=16, lora_alpha=32,
                 lora_dropout=0.0, logging_steps=1)
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[args.precision]
-    peak_before = mfu.matmul_peak(dtype, device())
+    plain_setting = dataclasses.replace(s, precision=args.plain_precision or args.precision)
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peak_before = mfu.matmul_peak(dtypes[args.precision], device())
+    plain_peak = peak_before if plain_setting.precision == args.precision else \
+        mfu.matmul_peak(dtypes[plain_setting.precision], device())
     mean_len = mean_row_tokens(s)
     per_token = flops_per_token(s, mean_len)
-    pairs = alternate(s, work, args.reps, warmup=not args.no_warmup)
-    peak_after = mfu.matmul_peak(dtype, device())
+    pairs = alternate(s, work, args.reps, warmup=not args.no_warmup, plain=plain_setting)
+    peak_after = mfu.matmul_peak(dtypes[args.precision], device())
     peak = max(peak_before, peak_after)
     ours = [p["finetune"] for p in pairs]
     plain = [p["plain"] for p in pairs]
@@ -294,6 +314,7 @@ def real_main(args: argparse.Namespace, work: Path) -> dict:
     return {
         "mode": "real", "model": Path(s.model).name, "setting": {k: str(v) for k, v in dataclasses.asdict(s).items()},
         "device": device(), "threads": torch.get_num_threads(), "mean_row_tokens": mean_len,
+        "plain_precision": plain_setting.precision, "without": args.without,
         "finetune_tokens_per_s": spread([r.tokens_per_s for r in ours]),
         "plain_trl_tokens_per_s": spread([r.tokens_per_s for r in plain]),
         "ratio": spread([a.tokens_per_s / b.tokens_per_s for a, b in zip(ours, plain)]),
@@ -301,14 +322,15 @@ def real_main(args: argparse.Namespace, work: Path) -> dict:
         "loss_max_rel_diff": worst, "loss_tolerance": REL_LOSS_TOLERANCE, "losses_match": worst <= REL_LOSS_TOLERANCE,
         "flops_per_token": per_token, "matmul_peak_flops": {"before": peak_before, "after": peak_after},
         "mfu": {"finetune": statistics.median(r.tokens_per_s for r in ours) * per_token / peak,
-                "plain": statistics.median(r.tokens_per_s for r in plain) * per_token / peak},
+                "plain": statistics.median(r.tokens_per_s for r in plain) * per_token / plain_peak},
     }
 
 
 def print_real(result: dict) -> None:
     r, gib = result["ratio"], 2**30
     print(f"finetune vs plain TRL on {result['model']} ({result['device']}, {result['threads']} threads, "
-          f"{result['setting']['precision']}, {len(result['pairs'])} alternating pairs of {result['setting']['steps']} "
+          f"{result['setting']['precision']} vs plain TRL {result['plain_precision']}"
+          f"{''.join(f', without {w}' for w in result['without'])}, {len(result['pairs'])} alternating pairs of {result['setting']['steps']} "
           f"steps, mean row {result['mean_row_tokens']:.0f} tokens)")
     for i, pair in enumerate(result["pairs"], 1):
         a, b = pair["finetune"], pair["plain"]
@@ -373,6 +395,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--real", action="store_true", help="the real Qwen2.5-Coder-0.5B (see the module docstring)")
     parser.add_argument("--precision", choices=("fp32", "bf16"), default="fp32", help="--real: the dtype both train in")
+    parser.add_argument("--plain-precision", choices=("fp32", "bf16"), default=None,
+                        help="--real: plain TRL's dtype when it differs from ours")
+    parser.add_argument("--without", action="append", default=[], choices=tuple(LEVERS),
+                        help="run ours without this lever (repeatable)")
     parser.add_argument("--model", default="tiny_llama2")
     parser.add_argument("--data", default="messages_system.jsonl", help="a file under data/")
     parser.add_argument("--reps", type=int, default=None, help="alternating pairs (default 5; --real 3)")
@@ -387,6 +413,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     args.steps = args.steps or (8 if args.real else 20)
     if args.threads:
         torch.set_num_threads(args.threads)
+    for lever in args.without:
+        LEVERS[lever]()
 
     with contextlib.redirect_stdout(sys.stderr), tempfile.TemporaryDirectory(prefix="bench-train-") as tmp:
         # libraries log to stdout (DeepSpeed, transformers' progress bar); stdout carries only the result

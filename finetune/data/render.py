@@ -36,7 +36,7 @@ from finetune.data import load
 from finetune.data.kinds import Kind
 from finetune.models import chat
 from finetune.models.chat.format import ChatFormat
-from finetune.models.chat.labels import IGNORE
+from finetune.models.chat.labels import IGNORE, trained_spans
 
 
 def fit(input_ids: list[int], labels: list[int], max_length: int) -> tuple[list[int], list[int], str]:
@@ -168,8 +168,7 @@ def _completion(fmt: ChatFormat, tokenizer: Any, prompt: list[dict[str, Any]], p
     ids, labels = list(encoded.input_ids), list(encoded.labels)
     if ids[:len(prompt_ids)] != prompt_ids:
         raise ValueError("the prompt is tokenized differently when the answer follows it")
-    last = int(np.flatnonzero(np.asarray(labels) != IGNORE)[-1])
-    return ids[len(prompt_ids):last + 1]
+    return ids[len(prompt_ids):trained_spans(labels)[-1][1]]
 
 
 def render_preference_batch(batch: dict[str, list], *, template: str, tokenizer: Any, max_length: int,

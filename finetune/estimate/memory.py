@@ -51,6 +51,7 @@ from finetune.estimate.activations import (
 from finetune.estimate.params import ModelFacts, facts
 from finetune.models.registry import ModelSpec
 from finetune.schema import trains_weights
+from finetune.stages import keeps_reference_copy
 
 GiB = 1024**3
 CUDA_CONTEXT_BYTES = 600 * 1024**2  # CUDA context + cuBLAS handles (torch 2.x, lazy module loading)
@@ -173,7 +174,7 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
         "optimizer": states,
         "step": step,
     }
-    if stages.reference_copy(recipe):
+    if keeps_reference_copy(recipe):
         parts["weights"] += f.params_total * b.weight  # frozen reference copy (PEFT runs disable the adapters)
     _distribute(parts, f, recipe, b, dist, n)
 

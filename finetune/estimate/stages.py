@@ -16,28 +16,20 @@ The dry-run names these (`stage_terms` in its JSON, a line under the table).
 
 from __future__ import annotations
 
+from finetune import stages
 from finetune.config import Recipe
 from finetune.estimate.params import ModelFacts
-from finetune.schema import Stage, trains_weights
-
-SEQUENCES: dict[Stage, int] = {"sft": 1, "dpo": 2, "kto": 2, "orpo": 2, "simpo": 2, "rm": 2, "grpo": 1}
-"""Sequences through the model per example of a micro-batch."""
 
 
 def sequences(recipe: Recipe) -> int:
-    return recipe.train.micro_batch * SEQUENCES[recipe.stage]
+    """Sequences through the model per micro-batch."""
+    return recipe.train.micro_batch * stages.STAGES[recipe.stage].sequences
 
 
 def tokens(recipe: Recipe) -> int:
     """Tokens per sequence at most: GRPO's sequences are a prompt plus a sampled answer."""
     extra = recipe.grpo.max_completion_length if recipe.stage == "grpo" else 0
     return recipe.train.max_length + extra
-
-
-def reference_copy(recipe: Recipe) -> bool:
-    """Whether TRL keeps a second, frozen copy of the weights as the reference policy."""
-    wants = recipe.stage in ("dpo", "kto") or (recipe.stage == "grpo" and recipe.grpo.beta > 0)
-    return wants and trains_weights(recipe.method)
 
 
 def generation_bytes(recipe: Recipe, f: ModelFacts, weight_bytes: int) -> int:
@@ -53,7 +45,7 @@ def generation_bytes(recipe: Recipe, f: ModelFacts, weight_bytes: int) -> int:
 def stage_terms(recipe: Recipe, f: ModelFacts, weight_bytes: int) -> dict[str, int]:
     """The stage's own figures, for the dry-run: what it adds and why."""
     terms = {"sequences_per_micro_batch": sequences(recipe)}
-    if reference_copy(recipe):
+    if stages.keeps_reference_copy(recipe):
         terms["reference_copy_bytes"] = f.params_total * weight_bytes
     if recipe.stage == "rm":
         terms["value_head_params"] = f.hidden

@@ -18,6 +18,8 @@ from finetune.export import gguf as gguf_mod
 from finetune.export import merge as merge_mod
 from finetune.export import ollama as ollama_mod
 from finetune.export.llamacpp import ensure_toolchain
+from finetune.models import chat
+from finetune.models.chat.labels import trained_spans
 from finetune.rundir import EXPORT_TARGETS, RunDir, locked, open_run
 
 PROMPTS = ("Introduce yourself in one sentence.", "用三句话介绍一下长城。",
@@ -73,9 +75,6 @@ def trained_prompts(run: RunDir, tokenizer, template: str) -> list:
     the run's data is no longer where its recipe says, fixed Chinese and English prompts (no trained answers)."""
     from finetune import data
     from finetune.export.verify import Prompt
-    from finetune.models import chat
-    from finetune.models.chat.labels import IGNORE
-
     recipe = run.recipe()
     try:
         rows = data.build(recipe, tokenizer, template)["train"]
@@ -86,10 +85,10 @@ def trained_prompts(run: RunDir, tokenizer, template: str) -> list:
         out = []
         for row in rows.select(picked):
             ids, labels = row["input_ids"], row["labels"]
-            start = next((i for i, label in enumerate(labels) if label != IGNORE), None)
-            if not start:
-                continue
-            end = next((i for i in range(start, len(labels)) if labels[i] == IGNORE), len(labels))
+            spans = trained_spans(labels)
+            if not spans or spans[0][0] == 0:
+                continue  # plain text: no prompt to ask
+            start, end = spans[0]
             out.append(Prompt(ids=ids[:start], answer=labels[start:end]))
         if out:
             return out

@@ -18,6 +18,8 @@ import torch
 from datasets import DatasetDict
 
 from finetune import atomic
+from finetune.data import kinds
+from finetune.models.chat.labels import trained_spans
 from finetune.rundir import RunDir
 from finetune.runfiles import RunSummary
 
@@ -26,7 +28,6 @@ if TYPE_CHECKING:
 
     from finetune.train.session import Session
 
-IGNORE = -100
 GIB = 2**30
 MAX_NEW_TOKENS = 64
 
@@ -46,19 +47,17 @@ def held_out(splits: DatasetDict, count: int) -> list[Sample]:
     split = splits["train"] if trained_on else splits["eval"]
     samples: list[Sample] = []
     for row in split.select(range(min(count, len(split)))):
-        if "prompt_ids" in row:  # preference data (KTO: the judged answer, good or bad)
-            samples.append(Sample(list(row["prompt_ids"]), list(row.get("chosen_ids") or row["completion_ids"]),
-                                  trained_on))
+        kind = kinds.of(row)
+        if kind in ("paired", "unpaired"):  # the chosen answer (KTO: the judged answer, good or bad)
+            samples.append(Sample(list(row["prompt_ids"]), list(row[kinds.RENDERED[kind][1]]), trained_on))
             continue
         ids, labels = list(row["input_ids"]), list(row["labels"])
         if "seq_lengths" in row:  # a packed row: its first example only
             ids, labels = ids[:row["seq_lengths"][0]], labels[:row["seq_lengths"][0]]
-        first = next((i for i, label in enumerate(labels) if label != IGNORE), None)
-        if not first:
+        spans = trained_spans(labels)
+        if not spans or spans[0][0] == 0:
             continue  # plain text (everything trained) has no prompt to ask
-        end = first
-        while end < len(labels) and labels[end] != IGNORE:
-            end += 1
+        first, end = spans[0]
         samples.append(Sample(ids[:first], ids[first:end], trained_on))
     return samples
 

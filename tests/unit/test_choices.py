@@ -77,18 +77,17 @@ def test_every_data_format_has_a_reader():
     assert set(FORMATS) | {"auto"} == set(config.choices("data.format"))
 
 
-def test_every_stage_has_a_trainer_module_and_a_memory_model():
-    import importlib
+def test_every_stage_has_a_declaration_a_trainer_and_a_memory_model():
+    from finetune import stages
+    from finetune.train import stage_trainer
 
-    from finetune.estimate.stages import SEQUENCES
-    from finetune.train import STAGES
-
-    assert set(STAGES) == set(SEQUENCES) == set(config.choices("stage"))
+    assert set(stages.STAGES) == set(config.choices("stage"))
     spec = registry.spec("qwen2_5_7b")
-    for stage, module in STAGES.items():
-        assert callable(importlib.import_module(f"finetune.train.{module}").run)
+    for stage in stages.STAGES:
+        recipe = config.load("qwen7b_lora", [f"stage={stage}", "train.micro_batch=2"])
+        assert callable(stage_trainer(recipe).options)
         for method in config.choices("method"):
-            assert plan(config.load("qwen7b_lora", [f"stage={stage}", f"method={method}"]), spec).peak_bytes > 0
+            assert plan(config.with_overrides(recipe, [f"method={method}"]), spec).peak_bytes > 0
 
 
 def test_every_lora_init_has_a_peft_value():

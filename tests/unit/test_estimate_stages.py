@@ -14,7 +14,10 @@ SPEC = "qwen2_5_0_5b"
 
 
 def _plan(*overrides: str):
-    return plan(config.load(None, [f"model={SPEC}", *overrides]), registry.spec(SPEC))
+    """Micro-batches of 2 (KTO pairs each answer with another of its micro-batch) and 16 per step (GRPO's groups
+    of up to 16 answers fill it)."""
+    return plan(config.load(None, [f"model={SPEC}", "train.micro_batch=2", "train.grad_accum=8", *overrides]),
+                registry.spec(SPEC))
 
 
 @pytest.mark.parametrize("stage", ["dpo", "kto", "orpo", "simpo", "rm"])

@@ -383,3 +383,11 @@ def test_edge_whitespace_in_qwen2_5_gives_its_chat_templates_joint_ids(content):
     prompt = [*conv, {"role": "user", "content": content}]
     assert chat.get("qwen2_5").encode_prompt(tok, prompt) == tok.apply_chat_template(
         prompt, chat_template=official, add_generation_prompt=True, return_dict=False)
+
+
+def test_trained_spans_are_the_runs_of_trained_labels():
+    from finetune.models.chat.labels import IGNORE, trained_spans
+
+    assert trained_spans([IGNORE, IGNORE, 5, 6, IGNORE, 7, IGNORE, 8]) == [(2, 4), (5, 6), (7, 8)]
+    assert trained_spans([IGNORE] * 3) == []
+    assert trained_spans([1, 2]) == [(0, 2)]
