@@ -120,3 +120,21 @@ def test_build_with_packing_gives_the_columns_a_padding_free_trainer_reads(tmp_p
     train = build(recipe, tok, "llama2")["train"]
     assert set(train.column_names) == {"input_ids", "labels", "position_ids", "seq_lengths"}
     assert sum(map(len, train["seq_lengths"])) == 40 and len(train) < 40
+
+
+@pytest.mark.parametrize("arch", sorted(ARCHITECTURES))
+def test_a_padding_free_micro_batch_gives_the_padded_batch_loss(arch):
+    """Unpacked rows, as SFT trains every micro-batch of two or more (finetune.train.sft.padding_free): laid end to
+    end, they give the loss of the padded batch without computing the padding."""
+    config_class, model_class, attn = ARCHITECTURES[arch]
+    torch.manual_seed(0)
+    model = model_class(config_class(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                     num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+                                     max_position_embeddings=64, pad_token_id=0, attn_implementation=attn)).eval()
+    rows = list(examples([7, 15, 4], seed=2))
+    flat = DataCollatorForLanguageModeling(pad_token_id=0, padding_free=True)(rows)
+    padded = DataCollatorForLanguageModeling(pad_token_id=0)(rows)
+    assert flat["input_ids"].shape == (1, 26) and padded["input_ids"].shape == (3, 15)
+    with torch.no_grad():
+        assert model(**flat, use_cache=False).loss.item() == pytest.approx(
+            model(**padded, use_cache=False).loss.item(), rel=1e-5)
