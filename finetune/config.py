@@ -18,6 +18,7 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 
 from finetune import shipped, stages
 from finetune.errors import UserError, did_you_mean
+from finetune.models import registry
 from finetune.schema import Recipe, choices, trains_weights
 
 OmegaConf.register_resolver("sample", shipped.sample, replace=True)
@@ -182,8 +183,6 @@ def _validate(recipe: Recipe, where: str) -> None:
 
 def _validate_model(recipe: Recipe, where: str) -> None:
     """A bare word must be a registry name; `org/name` is a hub id and a path must exist (checked when loading)."""
-    from finetune.models import registry
-
     looks_like_path_or_id = "/" in recipe.model or os.sep in recipe.model or Path(recipe.model).expanduser().exists()
     if recipe.model in registry.models():
         registry.spec(recipe.model, recipe.variant)  # raises on an unknown variant, naming the valid ones

@@ -14,7 +14,7 @@ from typing import Any
 
 from rich.table import Table
 
-from finetune import config
+from finetune import config, schema, stages
 from finetune.estimate import cache
 
 
@@ -28,7 +28,7 @@ def recipes() -> list[dict[str, Any]]:
     """Every shipped (and $FINETUNE_RECIPES) recipe: name, model, method, stage, description."""
     files = [path for directory in config.recipe_dirs() for path in sorted(directory.rglob("*.y*ml"))]
     entry = cache.key(os.environ.get("FINETUNE_RECIPES"), cache.files_digest(
-        [*files, Path(config.__file__), Path(__file__)]))
+        [*files, *(Path(m.__file__) for m in (config, schema, stages)), Path(__file__)]))
     rows = cache.load("listing", "recipes", entry)
     if not isinstance(rows, list):
         rows = []

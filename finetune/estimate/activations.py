@@ -14,10 +14,10 @@ import math
 from dataclasses import dataclass
 
 from finetune.config import Recipe
-from finetune.engines import zero3
 from finetune.estimate import stages
 from finetune.estimate.params import Linear, ModelFacts, facts
 from finetune.models.registry import ModelSpec
+from finetune.plan import model_plan
 from finetune.schema import trains_weights
 
 LOSS_TILE = (4096, 32768)  # TRL's chunked loss: tokens x vocabulary columns per projection tile (allocated whole)
@@ -39,16 +39,16 @@ class Bytes:
         return self.kept
 
 
+ELEMENT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2}
+
+
 def dtype_bytes(recipe: Recipe) -> Bytes:
-    """The recipe's precision and method as bytes per element (see finetune.estimate.memory's docstring)."""
-    if recipe.train.precision == "fp32":
-        return Bytes(4, 4, 4, 4)
-    if trains_weights(recipe.method):  # freeze: full weights, some of them trained
-        weight = 4 if recipe.train.precision == "fp16" else 2  # GradScaler cannot unscale fp16 gradients
-        return Bytes(weight, weight, weight, 2)
-    if recipe.method == "qlora":  # TRL casts the adapters to bf16 on a quantized base
-        return Bytes(2, 4 if recipe.quant.upcast else 2, 2, 2)
-    return Bytes(2, 2, 2 if zero3(recipe.distributed) else 4, 2)  # PEFT's fp32 adapters; TRL's bf16 on ZeRO-3
+    """Bytes per element, read off the model's plan (finetune.plan): the dtypes training loads, keeps, trains and
+    runs forward in — the linears' outputs are in the autocast dtype, or, without autocast, in the dtype the weights
+    were loaded in (QLoRA at train.precision=fp32 computes in quant.compute_dtype)."""
+    p = model_plan(recipe, None)
+    return Bytes(ELEMENT_BYTES[p.load_dtype], ELEMENT_BYTES[p.kept_dtype], ELEMENT_BYTES[p.trained_dtype],
+                 ELEMENT_BYTES[p.autocast or p.load_dtype])
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from finetune.errors import UserError
+from finetune.errors import UserError, did_you_mean
 
 LETTERS = ("A", "B", "C", "D")
 PROMPTS = {
@@ -103,8 +103,6 @@ def subjects(root: Path, task: str, split: str, only: Optional[str]) -> dict[str
         wanted = [s.strip() for s in only.split(",") if s.strip()]
         unknown = [s for s in wanted if s not in found]
         if unknown:
-            from finetune.errors import did_you_mean
-
             raise UserError(f"eval.subjects: no subject '{unknown[0]}' in {folder}{did_you_mean(unknown[0], found)}")
         found = {s: found[s] for s in wanted}
     return found

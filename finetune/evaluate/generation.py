@@ -14,6 +14,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any, Optional
 
+from finetune.errors import UserError
 from finetune.evaluate import metrics
 from finetune.evaluate.options import EvalOptions
 
@@ -50,7 +51,6 @@ def examples_of(rows: Any, limit: Optional[int]) -> tuple[list[Example], int]:
 def load_examples(options: EvalOptions, recipe: Any) -> tuple[list[Example], str]:
     """(examples, where they came from in words) for eval.file or the run's held-out split."""
     from finetune.data import load
-    from finetune.errors import UserError
 
     settings = options.eval
     if settings.file:
