@@ -20,7 +20,7 @@ def test_a_failed_overwrite_gives_the_finished_run_back(tmp_path):
     weights = (out / "adapter" / "adapter_model.safetensors").read_bytes()
     broken = tmp_path / "broken.jsonl"
     broken.write_text('{"instruction": "hi", "output": \n')
-    with pytest.raises(UserError, match="broken.jsonl line 1"):
+    with pytest.raises(UserError, match="broken.jsonl: 1 of 1 records is malformed: line 1"):
         run(tiny("tiny_qwen2_5", "lora", out, "train.max_steps=1", "overwrite=true", f"data.path={broken}"))
     assert (out / "adapter" / "adapter_model.safetensors").read_bytes() == weights
     assert sorted(p.name for p in tmp_path.iterdir()) == ["broken.jsonl", "run"]

@@ -174,7 +174,7 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation():
 
 def test_a_normal_request_is_answered_while_abusive_ones_are_in_flight(url):
     """1000 clients that ask for everything and leave after half a second, 200 KB stop strings and 10 MB bodies,
-    all at once; a normal client (retrying on 429 as OpenAI's SDK does) is answered within a few seconds."""
+    all at once; a normal client (retrying on 429 as OpenAI's SDK does) is answered within seconds."""
 
     async def abuse(client: httpx.AsyncClient) -> list[Any]:
         endpoint = f"{url}/v1/chat/completions"
@@ -208,7 +208,9 @@ def test_a_normal_request_is_answered_while_abusive_ones_are_in_flight(url):
             return await asyncio.gather(abuse(client), normal(client))
 
     results, waited = asyncio.run(scenario())
-    assert waited < 5, f"a normal request waited {waited:.1f} s"
+    # a starved request would wait out the 20 s; 10 s leaves room for this process's own 1000 connections and 50 MB
+    # of bodies, which share two cores with the server and another test worker (5.5 s seen under the full suite)
+    assert waited < 10, f"a normal request waited {waited:.1f} s"
     statuses = [r.status_code for r in results if isinstance(r, httpx.Response)]
     assert statuses[-10:-5] == [422] * 5 and statuses[-5:] == [413] * 5
     assert 429 in statuses  # the queue was full for most of the 1000

@@ -97,21 +97,25 @@ class Spy:
         monkeypatch.setattr(trainer_class, "compute_loss", spy_loss)
 
 
-@pytest.mark.parametrize("packing", [False, True])
-def test_trainer_sees_exactly_our_labels(tmp_path, monkeypatch, packing):
-    """Baichuan2 multi-turn: the eos label under a user token is a substitution no mask-based collator keeps."""
+@pytest.mark.parametrize("layout", ["padded", "padding_free", "packed"])
+def test_trainer_sees_exactly_our_labels(tmp_path, monkeypatch, layout):
+    """Baichuan2 multi-turn: the eos label under a user token is a substitution no mask-based collator keeps.
+    padded: micro-batches of one (attention mask, no padding-free); padding_free: every larger micro-batch
+    (finetune.train.sft.padding_free); packed: data.packing."""
     from trl import SFTTrainer
 
     spy = Spy(monkeypatch, SFTTrainer)
+    micro_batch = 1 if layout == "padded" else 4
     recipe = tiny("tiny_baichuan2_7b", "lora", tmp_path / "run", f"data.path={MULTI_TURN}", "data.max_samples=4",
-                  "train.max_steps=1", "train.micro_batch=4", f"data.packing={str(packing).lower()}")
+                  f"train.max_steps={4 // micro_batch}", f"train.micro_batch={micro_batch}",
+                  f"data.packing={str(layout == 'packed').lower()}")
     run(recipe)
     rows = data.build(recipe, spy.trainer.processing_class, "baichuan2")["train"]
     expected = dict(examples(rows))
     assert any(i == 195 and label == 2 for ids, labels in expected.items() for i, label in zip(ids, labels))
     seen = 0
     for batch in spy.batches:
-        if packing:  # padding-free: the micro-batch as one row, examples back to back, no attention mask
+        if layout != "padded":  # padding-free: the micro-batch as one row, examples back to back, no attention mask
             assert "attention_mask" not in batch and batch["input_ids"].shape[0] == 1
             starts = (batch["position_ids"][0] == 0).nonzero().flatten().tolist() + [batch["input_ids"].shape[1]]
             pieces = [(batch["input_ids"][0, a:b], batch["labels"][0, a:b]) for a, b in zip(starts, starts[1:])]
@@ -202,6 +206,6 @@ def test_a_run_that_fails_before_its_first_step_leaves_no_directory(tmp_path):
     broken.write_text('{"instruction": "hi", "output": "hello"}\n{"instruction": "broken", "output": \n')
     out = tmp_path / "run"
     recipe = config.load("tiny_qwen2_5_lora", [f"data.path={broken}", f"output_dir={out}"])
-    with pytest.raises(UserError, match="broken.jsonl line 2"):
+    with pytest.raises(UserError, match="broken.jsonl: 1 of 2 records is malformed: line 2"):
         run(recipe)
     assert not out.exists()
