@@ -40,8 +40,19 @@ def _parse(cls: type[R], path: Path) -> R:
     return cls(**{f.name: data[f.name] for f in fields if f.name in data})
 
 
+class _RunFile:
+    """A record kept in one JSON file of a run: read back through `_parse`, written as its fields."""
+
+    @classmethod
+    def read(cls: type[R], path: Path) -> R:
+        return _parse(cls, path)
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)  # type: ignore[call-overload]
+
+
 @dataclass(frozen=True)
-class RunBase:
+class RunBase(_RunFile):
     """base.json: the base model a run trained on, as export, chat/serve, eval and DPO need to find and format it.
 
     Only `path` is required: runs and tests that predate a field, or a model outside the registry (no variant,
@@ -60,16 +71,10 @@ class RunBase:
     def directory(self) -> Path:
         return Path(self.path).expanduser()
 
-    @classmethod
-    def read(cls, path: Path) -> RunBase:
-        return _parse(cls, path)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
-class RunSummary:
+class RunSummary(_RunFile):
     """summary.json: the figures of a finished run (losses, throughput, time, estimate vs measured memory)."""
 
     model: str
@@ -95,16 +100,10 @@ class RunSummary:
     ranks: list[dict[str, Any]] = field(default_factory=list)  # each process's own report (distributed.rank_info)
     trust_remote_code: bool = False
 
-    @classmethod
-    def read(cls, path: Path) -> RunSummary:
-        return _parse(cls, path)
-
-    def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
 
 
 @dataclass(frozen=True)
-class RunEstimate:
+class RunEstimate(_RunFile):
     """estimate.json as a run reads it back: the verdict it started under and the peak it expected per GPU. The
     file keeps the whole estimate (`finetune estimate --json`: breakdown, phases, suggestions) for people."""
 
@@ -112,10 +111,6 @@ class RunEstimate:
     fits: Optional[bool] = None  # None: nothing to compare against (no GPU, no gpu_mem=)
     peak_bytes: Optional[int] = None  # None: a model outside the registry has no estimate
     forced: bool = False  # started with --force although it did not fit
-
-    @classmethod
-    def read(cls, path: Path) -> RunEstimate:
-        return _parse(cls, path)
 
 
 def read_metrics(path: Path) -> list[dict[str, Any]]:

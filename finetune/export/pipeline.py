@@ -19,7 +19,7 @@ from finetune.export import merge as merge_mod
 from finetune.export import ollama as ollama_mod
 from finetune.export.llamacpp import ensure_toolchain
 from finetune.models import chat
-from finetune.models.chat.labels import trained_spans
+from finetune.models.chat.labels import first_answer
 from finetune.rundir import EXPORT_TARGETS, RunDir, locked, open_run
 
 PROMPTS = ("Introduce yourself in one sentence.", "用三句话介绍一下长城。",
@@ -85,10 +85,10 @@ def trained_prompts(run: RunDir, tokenizer, template: str) -> list:
         out = []
         for row in rows.select(picked):
             ids, labels = row["input_ids"], row["labels"]
-            spans = trained_spans(labels)
-            if not spans or spans[0][0] == 0:
+            answer = first_answer(labels)
+            if answer is None:
                 continue  # plain text: no prompt to ask
-            start, end = spans[0]
+            start, end = answer
             out.append(Prompt(ids=ids[:start], answer=labels[start:end]))
         if out:
             return out

@@ -19,7 +19,7 @@ from datasets import DatasetDict
 
 from finetune import atomic
 from finetune.data import kinds
-from finetune.models.chat.labels import trained_spans
+from finetune.models.chat.labels import first_answer
 from finetune.rundir import RunDir
 from finetune.runfiles import RunSummary
 
@@ -46,18 +46,18 @@ def held_out(splits: DatasetDict, count: int) -> list[Sample]:
     trained_on = "eval" not in splits
     split = splits["train"] if trained_on else splits["eval"]
     samples: list[Sample] = []
+    kind = kinds.of(split.column_names)
     for row in split.select(range(min(count, len(split)))):
-        kind = kinds.of(row)
         if kind in ("paired", "unpaired"):  # the chosen answer (KTO: the judged answer, good or bad)
             samples.append(Sample(list(row["prompt_ids"]), list(row[kinds.RENDERED[kind][1]]), trained_on))
             continue
         ids, labels = list(row["input_ids"]), list(row["labels"])
         if "seq_lengths" in row:  # a packed row: its first example only
             ids, labels = ids[:row["seq_lengths"][0]], labels[:row["seq_lengths"][0]]
-        spans = trained_spans(labels)
-        if not spans or spans[0][0] == 0:
+        answer = first_answer(labels)
+        if answer is None:
             continue  # plain text (everything trained) has no prompt to ask
-        first, end = spans[0]
+        first, end = answer
         samples.append(Sample(ids[:first], ids[first:end], trained_on))
     return samples
 

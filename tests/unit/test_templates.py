@@ -391,3 +391,11 @@ def test_trained_spans_are_the_runs_of_trained_labels():
     assert trained_spans([IGNORE, IGNORE, 5, 6, IGNORE, 7, IGNORE, 8]) == [(2, 4), (5, 6), (7, 8)]
     assert trained_spans([IGNORE] * 3) == []
     assert trained_spans([1, 2]) == [(0, 2)]
+
+
+def test_the_first_answer_needs_a_prompt_before_it():
+    from finetune.models.chat.labels import IGNORE, first_answer
+
+    assert first_answer([IGNORE, 5, 6, IGNORE, 7]) == (1, 3)
+    assert first_answer([5, 6, IGNORE]) is None  # plain text: trained from the first token
+    assert first_answer([IGNORE, IGNORE]) is None

@@ -7,6 +7,7 @@ causal-LM losses and data collators skip; every module that writes or reads labe
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Optional
 
 IGNORE = -100
 
@@ -26,3 +27,11 @@ def trained_spans(labels: Sequence[int]) -> list[tuple[int, int]]:
     if start is not None:
         spans.append((start, len(labels)))
     return spans
+
+
+def first_answer(labels: Sequence[int]) -> Optional[tuple[int, int]]:
+    """[start, end) of the first trained run when a prompt comes before it: what a sample or an export check asks
+    (ids[:start]) and the answer it expects. None when nothing is trained or training starts at the first token
+    (plain text has no prompt to ask)."""
+    spans = trained_spans(labels)
+    return spans[0] if spans and spans[0][0] > 0 else None
