@@ -4,11 +4,14 @@ the ranking of a superseded model, what report.md calls its samples, and the fil
 from __future__ import annotations
 
 import logging
+import sys
+from types import SimpleNamespace
 
+import pytest
 from datasets import Dataset
 
 from finetune import quiet
-from finetune.estimate import recommend
+from finetune.estimate import gpu, recommend
 from finetune.models import registry, tokenizers
 from finetune.rundir import RunDir
 from finetune.runfiles import RunSummary
@@ -75,3 +78,32 @@ def test_expected_library_lines_are_filtered_and_actionable_ones_kept():
     assert not bnb.filter(_record(bnb.name, failed, ModuleNotFoundError("No module named 'kernels'")))
     assert bnb.filter(_record(bnb.name, failed, RuntimeError("kernels 0.10 is too old")))
     assert bnb.filter(_record(bnb.name, "some other warning"))
+
+
+DEEPSPEED_CPU = "Setting accelerator to CPU. If you have GPU or other accelerator, we were unable to detect it."
+"""DeepSpeed's line at import (deepspeed/accelerator/real_accelerator.py), logged on its "DeepSpeed" logger."""
+
+
+def _one_card_driver() -> SimpleNamespace:
+    """A stand-in for NVIDIA's driver library (pynvml) on a machine with one idle 24 GiB card: what gpu.detect asks
+    of NVML, so detection itself runs as it does on such a machine."""
+    class NVMLError(Exception):
+        pass
+
+    return SimpleNamespace(
+        NVMLError=NVMLError, nvmlInit=lambda: None, nvmlDeviceGetCount=lambda: 1,
+        nvmlDeviceGetHandleByIndex=lambda i: i, nvmlDeviceGetName=lambda h: b"NVIDIA L4",
+        nvmlDeviceGetMemoryInfo=lambda h: SimpleNamespace(total=24 * 2**30, free=24 * 2**30),
+        nvmlDeviceGetUtilizationRates=lambda h: SimpleNamespace(gpu=0),
+        nvmlDeviceGetComputeRunningProcesses=lambda h: [], nvmlDeviceGetGraphicsRunningProcesses=lambda h: [])
+
+
+@pytest.mark.skipif(bool(gpu.detect()), reason="this machine has a GPU: DeepSpeed's CPU line is news here")
+def test_deepspeed_cpu_line_is_dropped_only_where_finetune_sees_no_gpu(monkeypatch):
+    quiet.install()
+    deepspeed = logging.getLogger("DeepSpeed")
+    assert not deepspeed.filter(_record(deepspeed.name, DEEPSPEED_CPU))  # no GPU here: the line is expected
+    monkeypatch.setitem(sys.modules, "pynvml", _one_card_driver())
+    assert [g.name for g in gpu.detect()] == ["NVIDIA L4"]
+    assert deepspeed.filter(_record(deepspeed.name, DEEPSPEED_CPU))  # DeepSpeed missed a GPU finetune sees: kept
+    assert deepspeed.filter(_record(deepspeed.name, "some other warning"))
