@@ -190,27 +190,31 @@ def _verify(run: RunDir, merged: Path, result: ExportResult, quant: str) -> dict
                         f"file")
     for c in checks:
         if not c.passed:
-            fix = (" — use quant=q8_0 or q6_k, or the base GGUF + f16 adapter (keeps the delta exact), or train a "
-                   "larger delta (train.lr, lora.r, more steps)") if c.lost_finetune else ""
-            result.notes.append(f"{c.route} FAILED verification: {'; '.join(c.failures)}{fix}")
+            result.notes.append(f"{c.route} FAILED verification: {'; '.join(c.failures)}"
+                                + (f" — to keep it: {c.fix}" if c.fix else ""))
     return {c.route: c.passed for c in checks}
 
 
 def _ollama_routes(result: ExportResult, quant: str, passed: Optional[dict]) -> tuple[tuple, Optional[tuple]]:
     """((model, adapter or None) for the Modelfile, (base, adapter) for Modelfile.adapter or None): routes that
-    passed verification (all, when it was skipped), the merged quant first; none passed is an error."""
-    from finetune.export.verify import Route
+    passed verification (all, when it was skipped: the notes say so), the merged quant first; none passed is an
+    error."""
+    from finetune.export.verify import LARGER_DELTA, Route
 
     merged = result.files["model"]
     pair = Route(result.files["base"], quant, adapter=result.files["adapter"]) if "adapter" in result.files else None
     pair_ok = pair is not None and (passed is None or passed.get(pair.label, False))
+    if passed is None:
+        result.notes.append(f"verification skipped (verify=false): the Modelfile runs {merged.name} unverified"
+                            + (f", Modelfile.adapter {pair.label}" if pair else "") + "; a quantized merged file can "
+                            "lose the fine-tune (answer like the base model): export without verify=false to check")
     if passed is None or passed.get(merged.name):
         return (merged, None), (pair.model, pair.adapter) if pair_ok else None
     if pair_ok:
         result.notes.append(f"the Modelfile runs {pair.label}: {merged.name} failed verification (see {result.report})")
         return (pair.model, pair.adapter), None
     raise UserError(f"no {quant} GGUF route passed verification (see {result.report}): export with quant=q8_0 or "
-                    f"quant=f16, or train a larger delta (train.lr, lora.r, more steps)")
+                    f"quant=f16, or {LARGER_DELTA}")
 
 
 @locked("export")  # one writer per run: two exports, or an export during training, never mix files

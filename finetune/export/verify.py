@@ -43,6 +43,7 @@ PPL_RATIO_MAX = 1.25  # perplexity on general text at most 25% above the merged 
 KLD_MAX = 0.15  # mean KL divergence (nats per token) from the merged model on general text
 TOP1_MIN = 0.80  # the merged model's top-1 token kept at 80% of general-text positions
 NEW_TOKENS = 40  # greedy tokens per answer (the trained answers of a typical identity set are shorter)
+LARGER_DELTA = "train a larger delta (train.lr, lora.r, more steps)"
 THRESHOLDS = (f"fine-tune kept on ≥ {KEPT_MIN:.0%} of the prompts whose answer it changed (by ≥ {DECISIVE} logits "
               f"where the answers part); perplexity ratio ≤ {PPL_RATIO_MAX}, mean KL divergence ≤ {KLD_MAX} nats, "
               f"top-1 agreement (ties counted) ≥ {TOP1_MIN:.0%} on general text; "
@@ -103,6 +104,17 @@ class Check:
     @property
     def lost_finetune(self) -> bool:
         return bool(self.changed) and self.kept < KEPT_MIN * self.changed
+
+    @property
+    def fix(self) -> Optional[str]:
+        """What keeps the fine-tune when this route lost it (None otherwise), the one text verify.md and the
+        export's summary print. The adapter route is offered to a merged file only (a base + adapter route is it)."""
+        if not self.lost_finetune:
+            return None
+        adapter = [] if self.file != self.route else [
+            "for a LoRA run the base GGUF + f16 adapter route (Modelfile.adapter: keeps the fine-tune's delta exact)"]
+        return ", or ".join(["quant=q8_0 or quant=q6_k (a larger type rounds the delta less)", *adapter,
+                             LARGER_DELTA])
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
@@ -319,18 +331,28 @@ def _failures(c: Check, *, exact: bool) -> list[str]:
     return out
 
 
-FIGURES = (
-    "- **kept**: prompts (from the training data) whose greedy answer the fine-tune changed decisively, and how many "
-    "of them this file answers closer to the fine-tuned model than to the base model.",
-    "- **retained**: the share of the fine-tune's log-likelihood gain on the trained answers this file keeps "
-    "(100% = all of it, 0% = none: it scores the answers like the base model).",
-    "- **perplexity** on general text nobody trained on: the merged model's and this file's; the ratio is what the "
-    "export costs in plain language modelling.",
-    "- **KL divergence**: how far this file's next-token distribution is from the merged model's, averaged over "
-    "every position of that text (0 = identical).",
-    "- **top-1**: positions where this file's most likely next token is the merged model's (+ ties: the merged "
-    f"model's two best logits within {TIE}, where either choice is right).",
+COLUMNS = (
+    ("route", "what Ollama would load: one GGUF file, or a base GGUF with a LoRA GGUF applied (`ADAPTER`)."),
+    ("type", "the route's weight type: f16, bf16 and f32 are conversions and must agree exactly; the others "
+             "approximate and pass within the thresholds below."),
+    ("kept", "prompts (from the training data) whose greedy answer the fine-tune changed decisively, and how many "
+             "of them this file answers closer to the fine-tuned model than to the base model."),
+    ("retained", "the share of the fine-tune's log-likelihood gain on the trained answers this file keeps "
+                 "(100% = all of it, 0% = none: it scores the answers like the base model)."),
+    ("perplexity (merged → file)", "the merged model's and this file's, on general text nobody trained on; the "
+                                   "ratio is what the export costs in plain language modelling."),
+    ("KL divergence", "how far this file's next-token distribution is from the merged model's, averaged over "
+                      "every position of that text (0 = identical)."),
+    ("top-1", "positions where this file's most likely next token is the merged model's (+ ties: the merged "
+              f"model's two best logits within {TIE}, where either choice is right)."),
+    ("greedy equal", f"prompts on which this file's greedy answer (up to {NEW_TOKENS} tokens) is the merged "
+                     "model's, token for token (+ ties: where the answers part, the merged model's two best logits "
+                     f"were within {TIE}). 16-bit files must match on every prompt; a quantized file may word an "
+                     "answer differently and still keep the fine-tune (kept)."),
+    ("result", "pass, or each threshold the route broke; a route that lost the fine-tune has its fix under the "
+               "table."),
 )
+"""verify.md's table columns, each with the sentence that explains it under the table."""
 
 
 def report(checks: list[Check], out_dir: Path, reference: Reference) -> Path:
@@ -340,6 +362,7 @@ def report(checks: list[Check], out_dir: Path, reference: Reference) -> Path:
             f"({c.ppl_ratio:.3f}×) | {c.kld_mean:.4f} | {c.top1_agreement:.1%} (+{c.top1_ties} ties) | "
             f"{c.greedy_equal}/{c.prompts} (+{c.greedy_ties} ties) | "
             f"{'PASS' if c.passed else 'FAIL: ' + '; '.join(c.failures)} |" for c in checks]
+    fixes = [f"- **{c.route}**: {c.fix}." for c in checks if c.fix]
     dtype = str(reference.dtype).removeprefix("torch.")
     text = "\n".join([
         f"# GGUF verification against the fine-tuned model (merged, transformers, {dtype})",
@@ -347,13 +370,13 @@ def report(checks: list[Check], out_dir: Path, reference: Reference) -> Path:
         f"{len(reference.prompts)} trained prompts ({len(reference.changed)} whose greedy answer the fine-tune "
         f"changed decisively from the base model's); {sum(len(c) for c in reference.text)} tokens of general text.",
         "",
-        "| route | type | kept | retained | perplexity (merged → file) | KL divergence | top-1 | greedy equal | "
-        "result |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| {' | '.join(header for header, _ in COLUMNS)} |",
+        f"|{'---|' * len(COLUMNS)}",
         *rows, "",
-        "What each figure means:", *FIGURES, "",
+        *(["To keep the fine-tune where a route lost it:", *fixes, ""] if fixes else []),
+        "What each figure means:", *(f"- **{header}**: {meaning}" for header, meaning in COLUMNS), "",
         f"A route passes when: {THRESHOLDS}.", ""])
     atomic.write_json(out_dir / "verify.json",
-                      [{**asdict(c), "ppl_ratio": c.ppl_ratio, "lost_finetune": c.lost_finetune,
+                      [{**asdict(c), "ppl_ratio": c.ppl_ratio, "lost_finetune": c.lost_finetune, "fix": c.fix,
                         "passed": c.passed} for c in checks])
     return atomic.write_text(out_dir / "verify.md", text)
