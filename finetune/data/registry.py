@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from finetune.data.files import HUB_ID
-from finetune.data.turns import CALL
+from finetune.data.turns import CALL, MAX_DEPTH, nests_deeper
 from finetune.errors import UserError, did_you_mean
 
 INFO = "dataset_info.json"
@@ -55,10 +55,18 @@ def read(directory: str) -> dict[str, dict[str, Any]]:
     if not path.is_file():
         raise UserError(f"data.dir={directory}: no {INFO} there; data.name= reads a LLaMA-Factory-style registry "
                         "(its data/ folder), data.path= reads files directly")
+    too_deep = UserError(f"{path}: nested more than {MAX_DEPTH} levels deep; a registry maps each dataset name to "
+                         "a few settings (is it the right file?)")
     try:
         info = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as exc:
         raise UserError(f"{path} line {exc.lineno}: not valid JSON ({exc.msg})") from None
+    except ValueError as exc:  # not UTF-8, or an integer past Python's 4300 digits
+        raise UserError(f"{path}: not readable as JSON ({exc})") from None
+    except RecursionError:  # deeper than the parser's stack
+        raise too_deep from None
+    if nests_deeper(info, MAX_DEPTH):  # anything printing or walking it later would recurse
+        raise too_deep
     if not isinstance(info, dict) or not all(isinstance(v, dict) for v in info.values()):
         raise UserError(f"{path}: must map each dataset name to an object of settings")
     return info

@@ -36,6 +36,12 @@ TURN_KEYS = {"role": ("role", "from"), "content": ("content", "value")}
 TEXT_PARTS = ("text", "input_text", "output_text")
 """Part types holding text (OpenAI chat and Responses API); any other type is media or unknown."""
 
+MAX_DEPTH = 100
+"""Deepest nesting of JSON text held in a field (`tools`, a call's `arguments`, a function_call turn's value). The
+record around it is checked before any parser sees it (files.check_json_shape); the text inside is parsed here, and
+past about a thousand levels Python's parser, or the templates dumping it again while training, run out of stack
+(RecursionError)."""
+
 
 class BadRecord(Exception):
     """One record that cannot be used; `reason` is the key counted in `dropped`."""
@@ -76,13 +82,36 @@ def text_of(content: Any, where: str) -> str:
     return "".join(texts)
 
 
+def nests_deeper(value: Any, limit: int) -> bool:
+    """Whether a parsed JSON value nests deeper than `limit`, walked level by level (never recursively: the values
+    in question are those too deep to recurse over)."""
+    level = [value]
+    for _ in range(limit):
+        level = [child for item in level if isinstance(item, (dict, list))
+                 for child in (item.values() if isinstance(item, dict) else item)]
+    return any(isinstance(item, (dict, list)) for item in level)
+
+
+def _parse_json(text: str, reason: str, what: str) -> Any:
+    """JSON text from a field → its value; BadRecord(`reason`) saying `what` is wrong where it is not JSON or nests
+    deeper than MAX_DEPTH."""
+    too_deep = BadRecord(reason, f"{what} nested more than {MAX_DEPTH} levels deep")
+    try:
+        value = json.loads(text)
+    except ValueError as exc:  # JSONDecodeError, or an integer past Python's 4300 digits
+        why = exc.msg if isinstance(exc, json.JSONDecodeError) else "a number with too many digits"
+        raise BadRecord(reason, f"{what} not valid JSON ({why})") from None
+    except RecursionError:  # deeper than the parser's stack, so deeper than MAX_DEPTH
+        raise too_deep from None
+    if nests_deeper(value, MAX_DEPTH):
+        raise too_deep
+    return value
+
+
 def _arguments(value: Any, where: str) -> str:
     """A call's arguments (an object, or its JSON text) → JSON text of the object."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value) if value.strip() else {}
-        except json.JSONDecodeError as exc:
-            raise BadRecord("bad_tool_call", f"{where}: arguments are not valid JSON ({exc.msg})") from None
+        value = _parse_json(value, "bad_tool_call", f"{where}: arguments are") if value.strip() else {}
     if not isinstance(value, Mapping):
         raise BadRecord("bad_tool_call", f"{where}: arguments must be a JSON object, got {kind(value)}")
     return json.dumps(value, ensure_ascii=False)
@@ -100,10 +129,7 @@ def _call(value: Any, where: str) -> dict[str, str]:
 def calls_of(value: Any, where: str) -> list[dict[str, str]]:
     """A call, a list of calls, or their JSON text (a ShareGPT function_call turn's value) → calls."""
     if isinstance(value, str):
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise BadRecord("bad_tool_call", f"{where}: the tool call is not valid JSON ({exc.msg})") from None
+        value = _parse_json(value, "bad_tool_call", f"{where}: the tool call is")
     calls = value if isinstance(value, list) else [value]
     if not calls:
         raise BadRecord("bad_tool_call", f"{where}: the list of tool calls is empty")
@@ -116,10 +142,7 @@ def tools_of(value: Any, where: str) -> Optional[str]:
     if isinstance(value, str):
         if not value.strip():
             return None
-        try:
-            value = json.loads(value)
-        except json.JSONDecodeError as exc:
-            raise BadRecord("bad_tools", f"'{where}' is not valid JSON ({exc.msg})") from None
+        value = _parse_json(value, "bad_tools", f"'{where}' is")
     if value is None or value == []:
         return None
     value = [value] if isinstance(value, Mapping) else value

@@ -5,6 +5,7 @@ from the command line."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from finetune import config, rundir
-from finetune.data import files, registry
+from finetune.data import files, formats, load, registry, turns
 from finetune.errors import UserError
 from finetune.infer import tools
 from finetune.models import chat
@@ -158,6 +159,59 @@ def test_brackets_inside_strings_are_not_nesting(tmp_path):
     path = tmp_path / "ok.jsonl"
     path.write_text(json.dumps({"instruction": "[" * 500 + "{" * 500, "output": "]"}) + "\n")
     files.check_json_shape(path)
+
+
+def _nested(depth: int) -> str:
+    return "[" * depth + "]" * depth
+
+
+def _call_turns(arguments: str) -> list[dict]:
+    return [{"role": "user", "content": "hi"},
+            {"role": "assistant", "content": None,
+             "tool_calls": [{"type": "function", "function": {"name": "f", "arguments": arguments}}]},
+            {"role": "tool", "content": "r"}, {"role": "assistant", "content": "yo"}]
+
+
+def test_deep_json_inside_a_text_field_is_a_bad_record_of_its_line(tmp_path):
+    """`tools`, a call's arguments and a function_call turn hold JSON as text, which the file's own check cannot
+    see into: Python's parser ran out of stack on them (a RecursionError traceback), and a value just under that
+    would have broken later, where training dumps it again."""
+    pair = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    bad = [{"messages": pair, "tools": _nested(100_000)},
+           {"messages": pair, "tools": json.dumps([{"name": "f", "parameters": json.loads(_nested(99))}])},
+           {"messages": _call_turns(json.dumps({"a": json.loads(_nested(200))}))},
+           {"messages": [pair[0], {"role": "function_call", "content": _nested(100_000)},
+                         {"role": "tool", "content": "r"}, pair[1]]}]
+    out = formats.convert_batch({"messages": [r["messages"] for r in bad], "tools": [r.get("tools") for r in bad]},
+                                list(range(4)), fmt="messages", columns={}, roles={}, src="x")
+    assert out["_why"] == ["'tools' is nested more than 100 levels deep"] * 2 + [
+        "messages[1].tool_calls[0]: arguments are nested more than 100 levels deep",
+        "messages[1]: the tool call is nested more than 100 levels deep"]
+    path = tmp_path / "deep.jsonl"
+    path.write_text("".join(json.dumps(record) + "\n" for record in [{"messages": pair}, *bad]))
+    with pytest.raises(UserError, match=re.escape(f"{path}: 4 of 5 records are malformed (lines 2, 3, 4, 5): line 2: "
+                                                  "'tools' is nested more than 100 levels deep")):
+        load.load_splits(config.load(None, ["model=tiny_qwen2_5", f"data.path={path}"]))
+    data, dropped, _ = load.load_splits(config.load(None, ["model=tiny_qwen2_5", f"data.path={path}",
+                                                           "data.on_bad_record=skip"]))
+    assert dropped == {"bad_tools": 2, "bad_tool_call": 2} and len(data["train"]) == 1
+
+
+def test_json_text_may_nest_up_to_the_limit():
+    schema = json.dumps([{"name": "f", "parameters": json.loads(_nested(turns.MAX_DEPTH - 2))}])
+    assert turns.tools_of(schema, "tools") == schema
+    with pytest.raises(turns.BadRecord, match="'tools' is nested more than 100 levels deep"):
+        turns.tools_of(json.dumps([{"name": "f", "parameters": json.loads(_nested(turns.MAX_DEPTH - 1))}]), "tools")
+    with pytest.raises(turns.BadRecord, match="arguments are not valid JSON \\(a number with too many digits\\)"):
+        turns.calls_of([{"name": "f", "arguments": '{"a": ' + "1" * 5000 + "}"}], "messages[1]")
+
+
+def test_a_deep_registry_is_one_clear_error_naming_it(tmp_path):
+    for depth in (100_000, 200):  # past the parser's stack; under it, but past anything a registry holds
+        (tmp_path / registry.INFO).write_text(json.dumps({"x": {"file_name": "a.jsonl"}})[:-1]
+                                              + f', "y": {{"columns": {_nested(depth)}}}}}')
+        with pytest.raises(UserError, match=rf"^{tmp_path / registry.INFO}: nested more than 100 levels deep"):
+            registry.entry(str(tmp_path), "x")
 
 
 def test_trust_remote_code_is_not_a_recipe_key_but_old_runs_still_load(tmp_path):
