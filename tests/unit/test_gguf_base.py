@@ -12,17 +12,17 @@ import pytest
 from gguf import GGUFWriter, LlamaFileType
 
 from finetune.errors import UserError
-from finetune.models import gguf_base
+from finetune.models import gguf_base, registry
 
 
 def write_gguf(path: Path, arch: str, *, hidden: int, layers: int, vocab: int, name: str = "Test model",
-               output_tensor: bool = False, eos: Optional[int] = None) -> Path:
+               output_tensor: bool = False, eos: Optional[int] = None, tokens: Optional[list[str]] = None) -> Path:
     writer = GGUFWriter(str(path), arch)
     writer.add_name(name)
     writer.add_file_type(LlamaFileType.MOSTLY_Q4_K_M)
     writer.add_embedding_length(hidden)
     writer.add_block_count(layers)
-    writer.add_token_list([f"t{i}" for i in range(vocab)])
+    writer.add_token_list(tokens or [f"t{i}" for i in range(vocab)])
     if eos is not None:
         writer.add_eos_token_id(eos)
     writer.add_tensor("token_embd.weight", np.zeros((4, 4), dtype=np.float32))
@@ -71,6 +71,45 @@ def test_a_size_the_registry_lacks_names_the_sizes_it_has(tmp_path):
     path = write_gguf(tmp_path / "q14b.gguf", "qwen2", hidden=5120, layers=48, vocab=151936)
     with pytest.raises(UserError, match=r"hidden size 5120 and 48 layers.*0.5B \(896, 24\)"):
         gguf_base.read(path)
+
+
+@pytest.fixture(scope="module")
+def qwen_tokenizer():
+    from transformers import AutoTokenizer
+
+    from finetune.models.tokenizers import bundled_tokenizer_dir
+
+    return AutoTokenizer.from_pretrained(bundled_tokenizer_dir("qwen2_5"))
+
+
+def qwen_gguf_tokens(tokenizer) -> list[str]:
+    """The vocabulary llama.cpp's converter writes for Qwen2.5: the tokenizer's tokens, padded to the embedding's
+    151,936 rows."""
+    ours = tokenizer.convert_ids_to_tokens(list(range(len(tokenizer))))
+    return ours + [f"[PAD{i}]" for i in range(len(ours), QWEN_0_5B["vocab"])]
+
+
+def qwen_base(path: Path, tokens: list[str], eos: int) -> gguf_base.GGUFBase:
+    """A Qwen2.5-0.5B GGUF with this vocabulary, as read() would describe it (reading it twice costs seconds: a
+    151,936-token array is parsed string by string)."""
+    write_gguf(path, "qwen2", tokens=tokens, eos=eos, **QWEN_0_5B)
+    return gguf_base.GGUFBase(path, "qwen2", "Q4_K_M", "Qwen2.5 0.5B Instruct", registry.spec("qwen2_5_0_5b"))
+
+
+def test_the_familys_tokenizer_must_be_the_ggufs_token_for_token(tmp_path, qwen_tokenizer):
+    tokens = qwen_gguf_tokens(qwen_tokenizer)
+    im_end = tokens.index("<|im_end|>")
+    gguf_base.check_tokenizer(qwen_base(tmp_path / "same.gguf", tokens, im_end), qwen_tokenizer)  # passes
+    tokens[1000], tokens[1001] = tokens[1001], tokens[1000]  # another vocabulary: the same ids, other tokens
+    with pytest.raises(UserError, match=r"other.gguf: its vocabulary differs from Qwen2.5's at 2 ids \(first: id 1000 "
+                                        r"is 'Th' in the GGUF, 'atus' in Qwen2.5's tokenizer\)"):
+        gguf_base.check_tokenizer(qwen_base(tmp_path / "other.gguf", tokens, im_end), qwen_tokenizer)
+
+
+def test_a_gguf_ending_turns_with_a_token_the_format_never_emits_is_refused(tmp_path, qwen_tokenizer):
+    base = qwen_base(tmp_path / "m.gguf", qwen_gguf_tokens(qwen_tokenizer), eos=0)
+    with pytest.raises(UserError, match=r"ends a turn with '!', which Qwen2.5's chat format never emits"):
+        gguf_base.check_tokenizer(base, qwen_tokenizer)
 
 
 def test_an_ollama_blob_without_suffix_is_found_by_its_magic(tmp_path):
