@@ -126,6 +126,18 @@ def test_non_finite_sampling_values_are_refused(url, constant):
     assert got.status_code == 400 and got.json()["error"]["code"] == "invalid_json"
 
 
+def test_tool_call_arguments_nested_past_the_parsers_stack_are_a_400(url):
+    """The body itself is parsed with a bound; arguments given as JSON text are parsed later, by the chat format
+    (before: a RecursionError there, a generic 500)."""
+    call = {"type": "function", "function": {"name": "f", "arguments": "[" * 100_000 + "]" * 100_000}}
+    got = post(url, ask(messages=[{"role": "user", "content": "hi"},
+                                  {"role": "assistant", "content": None, "tool_calls": [call]},
+                                  {"role": "tool", "content": "r"}]))
+    assert got.status_code == 400, got.text
+    assert got.json()["error"]["message"] == "message 2: tool_calls[0]: the arguments nest too deep to read"
+    assert post(url, ask(max_tokens=2)).status_code == 200
+
+
 def test_max_tokens_is_a_hard_cap(url):
     got = post(url, ask(max_tokens=10**6)).json()
     assert got["usage"]["completion_tokens"] == 32 and got["choices"][0]["finish_reason"] == "length"

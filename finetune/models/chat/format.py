@@ -125,7 +125,9 @@ def _calls(n: int, m: Message) -> Calls:
         if isinstance(arguments, str):
             try:
                 arguments = json.loads(arguments)
-            except json.JSONDecodeError:
+            except RecursionError:
+                raise ValueError(f"message {n}: tool_calls[{i}]: the arguments nest too deep to read") from None
+            except ValueError:  # not JSON: refused below
                 pass
         if not isinstance(name, str) or not name or not isinstance(arguments, dict):
             raise ValueError(f"message {n}: tool_calls[{i}] needs a name and arguments as a JSON object")
