@@ -87,6 +87,7 @@ class Result:
     loss: tuple[float, float]  # first and last logged training loss
     timings: dict[str, float]
     answers: list[Answer]
+    ollama_create: str  # the `ollama create` line the export printed for the Modelfile
     routes: list[dict] = field(default_factory=list)  # verify.json
     modelfile: Optional[Path] = None
 
@@ -229,13 +230,14 @@ def summary_table(result: Result) -> Table:
     for label, path in (("run (recipe, metrics, report)", run.path), ("report", run.report_file),
                         ("verification", run.export_dir("gguf") / "verify.md"), ("Modelfile", result.modelfile)):
         summary.add_row(label, rel(path))
-    summary.add_row("ollama", ollama_mod.create_command(ollama_mod.model_name(run.path.name), run.export_dir("ollama")))
+    summary.add_row("ollama", result.ollama_create)
     summary.add_row("time", ", ".join(f"{k} {v:.0f}s" for k, v in result.timings.items()))
     return summary
 
 
 def as_json(result: Result) -> dict[str, Any]:
     return {"run": str(result.run.path), "tiny": result.tiny, "modelfile": str(result.modelfile),
+            "ollama_create": result.ollama_create,
             "loss": {"first": result.loss[0], "last": result.loss[1]}, "routes": result.routes,
             "loss_curve": str(result.run.path / "loss.png"), "timings_s": result.timings,
             "answers": [{**asdict(a), "learned": a.learned, "deployed": a.deployed} for a in result.answers]}
@@ -284,7 +286,8 @@ def main() -> None:
     timings["answers"] = time.perf_counter() - start
     verify_json = opened.export_dir("gguf") / "verify.json"
     routes = json.loads(verify_json.read_text()) if verify_json.is_file() else []
-    result = Result(opened, gguf is None, losses(opened.metrics_file), timings, answers, routes, modelfile)
+    create = ollama_mod.create_commands(ollama_mod.model_tag(opened.path), modelfile.parent)[0]  # the export's line
+    result = Result(opened, gguf is None, losses(opened.metrics_file), timings, answers, create, routes, modelfile)
     if args.json:
         print(json.dumps(as_json(result), ensure_ascii=False))
     else:

@@ -93,6 +93,20 @@ def create_command(name: str, directory: Path, modelfile_name: str = "Modelfile"
     return f"ollama create {name} -f {directory.resolve() / modelfile_name}"
 
 
+def model_tag(run: Path, name: Optional[str] = None) -> str:
+    """The name an export is created under in Ollama: `name` when the user gave one, else the run directory's."""
+    return name or model_name(run.name)
+
+
+def create_commands(tag: str, directory: Path) -> list[str]:
+    """The `ollama create` lines for an Ollama directory: its Modelfile as `tag`, and Modelfile.adapter (when written)
+    as `tag`-adapter. The export prints them and the demo quotes the first: a line users copy is built in one place."""
+    lines = [create_command(tag, directory)]
+    if (directory / "Modelfile.adapter").is_file():
+        lines.append(create_command(f"{tag}-adapter", directory, "Modelfile.adapter"))
+    return lines
+
+
 def smoke_test(name: str, directory: Path, prompt: str = "Hello!") -> Optional[str]:
     """With an `ollama` binary on PATH: create the model and get one answer, as a line for the summary;
     None when there is no ollama here."""

@@ -251,10 +251,8 @@ def export(run_dir: Path, to: str, *, quant: str = "q4_k_m", verify: bool = True
     result.ollama = ollama_mod.write_dir(
         run.export_dir("ollama"), template, model, adapter_gguf=adapter, alternative=alternative,
         num_ctx=ollama_mod.context_length(recipe.train.max_length, result.merged), system=recipe.data.system_prompt)
-    tag = name or ollama_mod.model_name(run.path.name)
-    result.commands.append(ollama_mod.create_command(tag, result.ollama))
-    if (result.ollama / "Modelfile.adapter").is_file():
-        result.commands.append(ollama_mod.create_command(f"{tag}-adapter", result.ollama, "Modelfile.adapter"))
+    tag = ollama_mod.model_tag(run.path, name)
+    result.commands += ollama_mod.create_commands(tag, result.ollama)
     smoke = ollama_mod.smoke_test(tag, result.ollama)
     result.notes.append(smoke or "no `ollama` on PATH: run the line below where Ollama is installed")
     return result

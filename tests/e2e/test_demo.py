@@ -47,3 +47,9 @@ def test_the_ollama_model_answers_as_the_fine_tuned_model(demo):
         assert answer["ollama"] == answer["after"] and answer["deployed"], answer
     assert demo["modelfile"].endswith("/export/ollama/Modelfile")
     assert [r["passed"] for r in demo["routes"]] == [True, True]  # model-f16.gguf; base-f16 + adapter-f16
+
+
+def test_the_demo_quotes_the_ollama_create_line_the_export_printed(demo):
+    """The export's summary reaches the demo's stderr (--json keeps steps off stdout): its `next:` lines, indented."""
+    assert demo["ollama_create"] == f"ollama create run -f {Path(demo['modelfile']).resolve()}"
+    assert f"  {demo['ollama_create']}" in demo["stderr"].splitlines()
