@@ -1,19 +1,24 @@
 """`finetune web` under hostile input: sign-in before exposure, settings a page user may not give, paths that lead
-out of the page's outputs folder, secrets in what the page shows."""
+out of the page's outputs folder, secrets in what the page shows, a Chat tab that would hold every model it loaded."""
 
 from __future__ import annotations
 
+import gc
 import os
 import socket
 import subprocess
 import sys
 import time
+import weakref
 from pathlib import Path
 
 import httpx
 import pytest
 
+from finetune import config, rundir
 from finetune.errors import UserError
+from finetune.models import hub
+from finetune.runfiles import RunBase
 from finetune.web import actions, chat, forms, guard, jobs, runs
 
 
@@ -140,6 +145,31 @@ def test_typed_run_paths_are_confined_to_the_outputs_folder(tmp_path):
     assert "inside its outputs folder" in actions.start_export(str(outputs), str(elsewhere), "merged", None)
     history, error = chat.reply(str(outputs), str(elsewhere), "hi", [])
     assert history == [] and "inside its outputs folder" in error
+
+
+def _full_run(path: Path, model: str) -> None:
+    """A finished full fine-tuning run whose weights are the tiny model itself (linked: what the test needs is a
+    real model to load, not a trained one)."""
+    weights = hub.resolve(config.load(None, [f"model={model}"]))
+    run = rundir.create(config.load(None, [f"model={model}", "method=full"]), path)
+    run.write_base(RunBase(path=str(weights.path), model=model, template=weights.spec.family.template))
+    run.model_dir.symlink_to(weights.path, target_is_directory=True)
+
+
+def test_the_chat_tab_holds_one_model_at_a_time(tmp_path):
+    """Clicking through runs must not pile up models in memory: the tab frees the one it held before loading
+    another, and nothing else keeps it alive."""
+    outputs = tmp_path / "outputs"
+    _full_run(outputs / "qwen", "tiny_qwen2_5")
+    _full_run(outputs / "llama", "tiny_llama2")
+    history, error = chat.reply(str(outputs), "qwen", "hi", [], max_tokens=2)
+    assert error == "" and history[-1]["role"] == "assistant"
+    first = weakref.ref(chat._LOADED[str((outputs / "qwen").resolve())].backend.model)
+    history, error = chat.reply(str(outputs), "llama", "hi", [], max_tokens=2)
+    assert error == "" and history[-1]["role"] == "assistant"
+    gc.collect()
+    assert list(chat._LOADED) == [str((outputs / "llama").resolve())] and first() is None
+    chat._LOADED.clear()
 
 
 def test_inside_resolves_relative_names_under_the_outputs_folder(tmp_path):
