@@ -1,6 +1,6 @@
 """What a newcomer meets in the first hour with the README in hand, through the CLI as they run it: `finetune data`
 on a 7B recipe without its weights, `gpus --watch` without a GPU, one memory figure per recipe across commands,
-the GGUF chat's context, and no library noise on a QLoRA run."""
+the GGUF chat's context, no library noise on a QLoRA run, and `next` commands left whole in a log."""
 
 from __future__ import annotations
 
@@ -69,11 +69,15 @@ def test_recommend_list_and_dry_run_show_one_figure_per_recipe(cli):
     assert row["qlora_gib@2048"] == round(qwen1["peak_bytes"] / 2**30, 1)
 
 
+LONG_DIRECTORY = "a-directory-nested-deep-enough-that-its-commands-outrun-80-and-160-columns-" * 2
+"""Makes the run's path over 170 characters: 80 columns is rich's width for a pipe, 160 the CLI's own."""
+
+
 @pytest.fixture(scope="module")
 def qlora_run(tmp_path_factory) -> tuple[subprocess.CompletedProcess, RunDir]:
     """One QLoRA step on the tiny Qwen2.5 with samples before and after, nothing held out (bitsandbytes and
-    DeepSpeed are imported, as in every training run)."""
-    path = tmp_path_factory.mktemp("qlora") / "run"
+    DeepSpeed are imported, as in every training run), in a directory whose path is longer than a log line."""
+    path = tmp_path_factory.mktemp("qlora") / LONG_DIRECTORY / "run"
     done = subprocess.run([sys.executable, "-m", "finetune", "recipe=tiny_qwen2_5_qlora", "train.max_steps=1",
                            "data.max_samples=2", "data.val_size=0", "train.sample_prompts=1", f"output_dir={path}"],
                           capture_output=True, text=True, timeout=600, cwd=REPO)
@@ -87,6 +91,15 @@ def test_qlora_run_prints_no_expected_library_noise(qlora_run):
         assert line not in done.stderr and line not in done.stdout, line
 
 
+def test_next_command_stays_one_line_in_a_log(qlora_run):
+    """stderr is a pipe here, as in a CI log or `2>&1 | tee`: a command wrapped there breaks when copied."""
+    done, run = qlora_run
+    assert done.returncode == 0, done.stderr[-3000:]
+    command = f"finetune export run={run.path} to=ollama"
+    assert len(str(run.path)) > 170
+    assert any(line.split() == ["next", *command.split()] for line in done.stderr.splitlines()), done.stderr[-3000:]
+
+
 def test_report_calls_samples_training_prompts_when_nothing_is_held_out(qlora_run):
     done, run = qlora_run
     assert done.returncode == 0, done.stderr[-3000:]
@@ -97,12 +110,13 @@ def test_report_calls_samples_training_prompts_when_nothing_is_held_out(qlora_ru
 @pytest.mark.llamacpp
 def test_gguf_chat_runs_in_the_trained_context_window_without_an_overflow_warning(cli, tmp_path):
     pytest.importorskip("llama_cpp")
-    run = tmp_path / "run"
+    run = tmp_path / LONG_DIRECTORY / "run"
     trained = cli("recipe=tiny_qwen2_5_demo", "train.max_steps=1", "data.max_samples=2", "train.sample_prompts=0",
                   f"output_dir={run}")
     assert trained.returncode == 0, trained.stderr[-3000:]
     export = cli("export", f"run={run}", "to=gguf", "quant=f16", "verify=false", timeout=900)
     assert export.returncode == 0, export.stderr[-3000:]
+    assert f"  finetune export run={run} to=ollama quant=f16   #" in export.stdout  # its `next:` line, unbroken
     done = cli("chat", f"run={run}", "backend=gguf", "quant=f16", "prompt=hi", "max_tokens=2")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "n_ctx_train" not in done.stderr and "overflow" not in done.stderr
