@@ -3,6 +3,9 @@ fails before training gives the old run back; a run being written by another pro
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -11,7 +14,7 @@ from finetune import config, rundir
 from finetune.errors import UserError
 from finetune.train import run
 
-from tests.e2e.test_train import tiny
+from tests.e2e.test_train import REPO, tiny
 
 
 def test_a_failed_overwrite_gives_the_finished_run_back(tmp_path):
@@ -38,3 +41,16 @@ def test_resuming_a_run_that_another_process_holds_is_refused(tmp_path):
     with rundir.RunLock(Path(out), "train"):
         with pytest.raises(UserError, match="in use by pid"):
             run(config.load(str(out / "recipe.yaml"), [f"resume={out}"]))
+
+
+def test_remote_code_allowed_on_the_command_line_is_said_and_recorded(tmp_path):
+    """The one way to allow it is the CLI flag: the run says so on stderr as it starts, and summary.json keeps it
+    for whoever reads the run later."""
+    out = tmp_path / "run"
+    done = subprocess.run([sys.executable, "-m", "finetune", "train", "recipe=tiny_qwen2_5_demo", "data.max_samples=2",
+                           "data.val_size=0", "train.max_steps=1", "train.sample_prompts=0", f"output_dir={out}",
+                           "--trust-remote-code"], capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "remote code --trust-remote-code: transformers may run Python files from the model's repository" in \
+        done.stderr.splitlines()
+    assert json.loads((out / "summary.json").read_text())["trust_remote_code"] is True
