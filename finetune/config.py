@@ -16,7 +16,7 @@ from typing import Any, Optional
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from finetune import shipped, stages
+from finetune import precision, shipped, stages
 from finetune.errors import UserError, did_you_mean
 from finetune.models import registry
 from finetune.schema import Recipe, choices, trains_weights
@@ -216,8 +216,15 @@ def load(recipe: Optional[str], overrides: list[str] = ()) -> Recipe:
         resolved: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise _explain(exc, where) from None
+    _resolve_auto(resolved)
     _validate(resolved, where)
     return resolved
+
+
+def _resolve_auto(recipe: Recipe) -> None:
+    """train.precision=auto becomes this machine's choice (finetune.precision) once, here: the run's saved recipe
+    then holds the precision it trained in."""
+    recipe.train.precision = precision.resolve(recipe.train.precision)
 
 
 def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
@@ -227,6 +234,7 @@ def with_overrides(recipe: Recipe, overrides: list[str]) -> Recipe:
         result: Recipe = OmegaConf.to_object(merged)  # type: ignore[assignment]
     except OmegaConfBaseException as exc:
         raise _explain(exc, "overrides") from None
+    _resolve_auto(result)
     _validate(result, "overrides")
     return result
 

@@ -19,6 +19,7 @@ DataFormat = Literal["auto", "alpaca", "sharegpt", "messages", "text", "preferen
                      "messages_preference", "alpaca_preference", "kto"]
 OnBadRecord = Literal["error", "skip"]
 Precision = Literal["fp32", "fp16", "bf16"]
+TrainPrecision = Literal["auto", "fp32", "fp16", "bf16"]  # auto: finetune.precision, resolved when a recipe loads
 Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adamw_32bit", "sgd", "adafactor"]
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
@@ -68,7 +69,7 @@ class TrainConfig:
     grad_accum: int = 8
     max_length: int = 2048
     gradient_checkpointing: bool = True
-    precision: Precision = "bf16"
+    precision: TrainPrecision = "bf16"  # auto: the machine's fastest (bf16 / fp16 on GPUs; bf16 or fp32 on a CPU)
     optimizer: Optimizer = "adamw_torch"
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0

@@ -15,7 +15,7 @@ from rich.console import Group, RenderableType
 from rich.table import Table
 from rich.text import Text
 
-from finetune import atomic, config
+from finetune import atomic, config, precision
 from finetune.config import Recipe
 from finetune.estimate import gpu as gpus_mod
 from finetune.estimate.gpu import GPU, GiB
@@ -119,7 +119,8 @@ def estimate_report(recipe: Recipe, spec: ModelSpec, gpus: list[GPU], *,
         verdict = f"does not fit: needs {_gib(memory.peak_bytes)} per GPU, {against}"
     report = {
         "model": spec.name, "variant": spec.variant.name, "method": recipe.method, "stage": recipe.stage,
-        "precision": recipe.train.precision, "micro_batch": recipe.train.micro_batch,
+        "precision": recipe.train.precision, "precision_why": precision.why(recipe.train.precision),
+        "micro_batch": recipe.train.micro_batch,
         "max_length": recipe.train.max_length, "num_gpus": memory.num_gpus, "distributed": memory.distributed,
         "params_total": memory.params_total, "params_trainable": memory.params_trainable,
         "peak_bytes": memory.peak_bytes, "peak_phase": memory.peak_phase, "breakdown": memory.breakdown,
@@ -149,6 +150,7 @@ def render_estimate(report: dict[str, Any]) -> RenderableType:
     parts: list[RenderableType] = [
         Text.from_markup(title),
         Text(f"parameters {report['params_total']:,} · trainable {report['params_trainable']:,}"),
+        Text(f"precision {report['precision_why']}", style="dim"),
         *([Text(report["base_note"], style="yellow")] if report.get("base_note") else []),
         _breakdown_table(report),
         Text(f"moments of a step (GiB): {phases} — the peak is {report['peak_phase']}", style="dim"),

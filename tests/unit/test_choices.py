@@ -64,7 +64,9 @@ def test_every_distributed_choice_has_an_engine_a_trainer_setting_and_a_memory_m
 
 
 def test_every_precision_has_a_dtype():
-    assert set(DTYPES) == set(config.choices("train.precision")) == set(config.choices("quant.compute_dtype"))
+    assert set(DTYPES) == set(config.choices("quant.compute_dtype"))
+    assert set(config.choices("train.precision")) == set(DTYPES) | {"auto"}  # auto resolves to one of them
+    assert config.load(None, ["model=tiny_qwen2_5", "train.precision=auto"]).train.precision in DTYPES
 
 
 def test_every_scheduler_is_one_transformers_knows():
