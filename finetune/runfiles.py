@@ -95,6 +95,7 @@ class RunSummary(_RunFile):
     train_tokens: Optional[int] = None
     tokens_per_second: Optional[float] = None
     estimate_peak_bytes: Optional[int] = None
+    estimate_training_bytes: Optional[int] = None  # the estimate above the loaded weights, no CUDA context
     memory: dict[str, int] = field(default_factory=dict)  # measured peaks (callbacks.PeakMemory)
     resumed_from: Optional[str] = None  # the checkpoint this run continued
     ranks: list[dict[str, Any]] = field(default_factory=list)  # each process's own report (distributed.rank_info)

@@ -116,13 +116,26 @@ def _fence(text: str) -> str:
     return "```\n" + text.replace("```", "ˋˋˋ") + "\n```"
 
 
+def memory_rows(summary: RunSummary) -> list[tuple[str, str]]:
+    """The estimate next to the measured figure that measures the same thing: on a GPU the peak the allocator
+    reserved; on a CPU what training added to the process's RSS after the model loaded (the libraries, the data
+    and the weights were resident before), set against the estimate's terms above the weights."""
+    memory = summary.memory
+    if "gpu_peak_reserved_bytes" in memory:
+        return [("memory estimate (per GPU)", _gib(summary.estimate_peak_bytes)),
+                ("measured peak (CUDA reserved)", _gib(memory["gpu_peak_reserved_bytes"]))]
+    rows = [("memory estimate (per GPU)", _gib(summary.estimate_peak_bytes))]
+    start, peak = memory.get("host_rss_at_train_start_bytes"), memory.get("host_peak_rss_bytes")
+    if start is not None and peak is not None:
+        return rows + [("estimate: training on top of the loaded weights (no CUDA context)",
+                        _gib(summary.estimate_training_bytes)),
+                       ("measured: peak RSS while training − RSS when it started (CPU process)", _gib(peak - start))]
+    return rows + [("measured peak RSS (CPU process, libraries included)", _gib(peak))]
+
+
 def write(run: RunDir, summary: RunSummary, samples: list[Sample], tokenizer: Any) -> Path:
     """report.md (and loss.png) for a finished run, from summary.json's figures and metrics.jsonl."""
     curve = loss_curve(run.metrics(), run.path / "loss.png")
-    memory = summary.memory
-    measured = memory.get("gpu_peak_reserved_bytes") or memory.get("host_peak_rss_bytes")
-    measured_label = "measured peak (CUDA reserved)" if "gpu_peak_reserved_bytes" in memory \
-        else "measured peak RSS (CPU process)"
     rows = [
         ("model", f"{summary.model} — {summary.source}"),
         ("method / stage", f"{summary.method} / {summary.stage}"),
@@ -133,8 +146,7 @@ def write(run: RunDir, summary: RunSummary, samples: list[Sample], tokenizer: An
         ("throughput", f"{summary.tokens_per_second:.0f} tokens/s" if summary.tokens_per_second else "—"),
         ("training time", f"{summary.train_runtime_s:.1f} s"),
         ("wall time (load, data, samples, save)", f"{summary.wall_s:.1f} s"),
-        ("memory estimate (per GPU)", _gib(summary.estimate_peak_bytes)),
-        (measured_label, _gib(measured)),
+        *memory_rows(summary),
     ]
     lines = [f"# {run.path.name}", "", "| | |", "|---|---|", *[f"| {k} | {v} |" for k, v in rows], ""]
     if curve:
@@ -186,6 +198,15 @@ def announce_model(console: "Console", trainer: Any) -> None:
     console.print(f"[bold]train[/]   {trainable:,} of {total:,} parameters trainable "
                   f"({100 * trainable / max(total, 1):.2f}%), {len(trainer.train_dataset):,} training rows{held_out}")
 
+def training_bytes(estimate: dict[str, Any]) -> Optional[int]:
+    """What the estimate says training adds to the loaded model (gradients, optimizer states, activations, logits)
+    without the CUDA context and fragmentation: on a CPU, the figure the RSS growth during training measures."""
+    parts = estimate.get("breakdown")
+    if not parts:
+        return None
+    return sum(v for k, v in parts.items() if k not in ("weights", "trainable_weights", "overhead"))
+
+
 def summarize(session: "Session", trainer: Any, metrics: dict[str, Any], peak: dict[str, int],
               ranks: list[dict[str, Any]], weights: Path) -> RunSummary:
     """summary.json: the figures of a finished run (losses, throughput, time, estimate vs measured memory), with
@@ -203,6 +224,7 @@ def summarize(session: "Session", trainer: Any, metrics: dict[str, Any], peak: d
         train_runtime_s=runtime, train_tokens=tokens,
         tokens_per_second=tokens / runtime if tokens and runtime else None,
         wall_s=time.monotonic() - session.started, estimate_peak_bytes=session.estimate.get("peak_bytes"),
+        estimate_training_bytes=training_bytes(session.estimate),
         memory=peak, resumed_from=str(session.checkpoint) if session.checkpoint else None,
         next=f"finetune export run={session.run.path} to={'merged' if recipe.stage == 'rm' else 'ollama'}",
         weights=str(weights), ranks=ranks, trust_remote_code=session.trust_remote_code)

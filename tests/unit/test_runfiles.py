@@ -55,7 +55,8 @@ SUMMARY = {"status": "finished", "model": "tiny_qwen2_5", "source": "tiny", "met
            "resumed_from": None, "next": "finetune export run=x to=ollama",
            "ranks": [{"rank": 0, "pid": 1, "global_step": 4, "device": "cpu", "engine": "NO"}],
            "weights": "x/adapter"}
-"""summary.json as training wrote it before RunSummary existed (no trust_remote_code key unless it was on)."""
+"""summary.json as training wrote it before RunSummary existed (no trust_remote_code key unless it was on, no
+estimate_training_bytes: older runs read back with None)."""
 
 
 def test_summary_reads_back_and_a_run_still_training_has_none(run):
@@ -65,7 +66,8 @@ def test_summary_reads_back_and_a_run_still_training_has_none(run):
     assert summary.global_step == 4 and summary.memory == {"host_peak_rss_bytes": 123}
     assert summary.trust_remote_code is False
     run.write_summary(summary)
-    assert json.loads(run.summary_file.read_text()) == {**SUMMARY, "trust_remote_code": False}
+    assert json.loads(run.summary_file.read_text()) == {**SUMMARY, "trust_remote_code": False,
+                                                         "estimate_training_bytes": None}
     assert RunSummary(**{**SUMMARY, "trust_remote_code": True}).to_json()["trust_remote_code"] is True
 
 
