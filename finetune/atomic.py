@@ -17,6 +17,12 @@ from pathlib import Path
 from typing import Any
 
 
+def temp_path(final: Path, kind: str = "tmp") -> Path:
+    """A name next to `final` that no other process or thread picks (pid and a random part), for a writer that
+    makes the file or directory itself (a subprocess, a C library, a trainer saving a model). Nothing is created."""
+    return final.with_name(f".{kind}-{final.name}-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+
+
 def write_text(path: Path, text: str) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -51,7 +57,7 @@ def directory(final: Path, *, replace: bool = False) -> Iterator[Path]:
         yield tmp
         tmp.chmod(0o755)  # mkdtemp makes 0700; a finished output is as readable as any directory the user makes
         if final.exists():
-            old = final.with_name(f".old-{final.name}-{uuid.uuid4().hex[:12]}")  # unique across processes and threads
+            old = temp_path(final, "old")
             os.replace(final, old)
             os.replace(tmp, final)
             shutil.rmtree(old, ignore_errors=True)

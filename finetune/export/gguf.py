@@ -29,6 +29,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from finetune import atomic
 from finetune.errors import UserError, did_you_mean
 from finetune.export.llamacpp import Toolchain, ensure_toolchain, require_llama_cpp
 
@@ -83,8 +84,7 @@ def check_quant(quant: str) -> str:
 @contextmanager
 def atomic_file(final: Path) -> Iterator[Path]:
     """A temporary name next to `final` for a writer we do not control; renamed to `final` only on success."""
-    tmp = final.with_name(f".tmp-{final.name}")
-    tmp.unlink(missing_ok=True)
+    tmp = atomic.temp_path(final)
     try:
         yield tmp
         os.replace(tmp, final)
@@ -114,7 +114,7 @@ def _job(script: Path, argv: list[str], prep_dir: Path, out: Path, *, with_token
     config = json.loads((Path(prep_dir) / "config.json").read_text())
     arch = config["architectures"][0]
     prep = PREP.get(arch, Prep())
-    tmp = out.with_name(f".tmp-{out.name}")
+    tmp = atomic.temp_path(out)
     return Job(script=str(script), argv=[*argv, "--outfile", str(tmp)], tmp=str(tmp), out=str(out),
                hparams=prep.hparams(config), sentencepiece_vocab=[arch] if prep.sentencepiece_vocab else [],
                as_arch={arch: prep.as_arch} if prep.as_arch else {},
@@ -139,7 +139,7 @@ def run_jobs(tools: Toolchain, jobs: list[Job]) -> None:
         return
     for job in jobs:
         Path(job.out).parent.mkdir(parents=True, exist_ok=True)
-    plan_file = Path(jobs[0].out).with_name(f".tmp-plan-{os.getpid()}.json")
+    plan_file = atomic.temp_path(Path(jobs[0].out).with_name("plan.json"))
     plan_file.write_text(json.dumps({"root": str(tools.root), "jobs": [job.__dict__ for job in jobs]}))
     try:
         done = subprocess.run([sys.executable, "-m", "finetune.export.gguf", str(plan_file)], env=tools.env(),

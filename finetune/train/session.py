@@ -289,22 +289,24 @@ def save_weights(session: Session, trainer: Any) -> Path:
     Every rank calls save_model (ZeRO-3 and FSDP gather the shards for it); only rank 0 writes."""
     run, where = session.run, session.launch
     final = run.model_dir if trains_weights(session.recipe.method) else run.adapter_dir
-    tmp = run.path / f".tmp-{final.name}"
-    if where.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-    where.barrier()
-    if converts_init(session.recipe):
-        # PiSSA / OLoRA changed the base in memory: save the adapter as (trained - initial) in rank 2r, which applies
-        # to the ORIGINAL base, so merge and every adapter loader see an ordinary LoRA adapter
-        trainer.model.save_pretrained(str(tmp), is_main_process=where.is_main,
-                                      path_initial_model_for_weight_conversion=str(run.path / LORA_INIT))
-    else:
-        trainer.save_model(str(tmp))
-    if where.is_main:
-        shutil.rmtree(tmp / "ref", ignore_errors=True)  # DPO's frozen reference copy of the adapter
-        copy_tokenizer(session.model.path, tmp)
-        shutil.rmtree(final, ignore_errors=True)  # a resumed run trained further than its first finish
-        os.replace(tmp, final)
+    tmp = on_main(where, lambda: atomic.temp_path(final))  # rank 0's name for all: each rank saves its part there
+    try:
+        if converts_init(session.recipe):
+            # PiSSA / OLoRA changed the base in memory: save the adapter as (trained - initial) in rank 2r, which
+            # applies to the ORIGINAL base, so merge and every adapter loader see an ordinary LoRA adapter
+            trainer.model.save_pretrained(str(tmp), is_main_process=where.is_main,
+                                          path_initial_model_for_weight_conversion=str(run.path / LORA_INIT))
+        else:
+            trainer.save_model(str(tmp))
+        if where.is_main:
+            shutil.rmtree(tmp / "ref", ignore_errors=True)  # DPO's frozen reference copy of the adapter
+            copy_tokenizer(session.model.path, tmp)
+            shutil.rmtree(final, ignore_errors=True)  # a resumed run trained further than its first finish
+            os.replace(tmp, final)
+    except BaseException:
+        if where.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        raise
     where.barrier()
     return final
 

@@ -1,10 +1,14 @@
-"""Outputs appear whole or not at all; a shared cache entry is built once, and a lost race is not an error."""
+"""Outputs appear whole or not at all; a shared cache entry is built once, and a lost race is not an error; two
+writers of one output never share a temporary name."""
 
 from __future__ import annotations
+
+import os
 
 import pytest
 
 from finetune import atomic
+from finetune.export import gguf
 
 
 def _writer(calls: list[str], text: str = "ok"):
@@ -55,3 +59,23 @@ def test_directory_refuses_to_clobber_unless_asked(tmp_path):
     with atomic.directory(tmp_path / "out", replace=True) as tmp:
         (tmp / "new").write_text("1")
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["new"]
+
+
+def test_two_writers_of_one_gguf_file_have_their_own_temporary_names(tmp_path):
+    """An export from the page and one from the command line may write the same file at once: with one fixed
+    temporary name, the second truncated (or, failing, removed) the file the first was still writing."""
+    out = tmp_path / "model.gguf"
+    with gguf.atomic_file(out) as first, gguf.atomic_file(out) as second:
+        assert first != second and first.parent == second.parent == tmp_path
+        assert first.name.startswith(f".tmp-model.gguf-{os.getpid()}-")
+        first.write_text("first")
+        second.write_text("second")
+        assert first.read_text() == "first"
+    assert out.read_text() == "first" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
+    with gguf.atomic_file(out) as kept:
+        kept.write_text("whole")
+        with pytest.raises(RuntimeError, match="quantizer died"), gguf.atomic_file(out) as failed:
+            failed.write_text("half")
+            raise RuntimeError("quantizer died")
+        assert kept.read_text() == "whole"
+    assert out.read_text() == "whole" and [p.name for p in tmp_path.iterdir()] == ["model.gguf"]
