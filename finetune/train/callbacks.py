@@ -55,6 +55,15 @@ def _restart_peak_rss() -> bool:
         return False
 
 
+@torch.no_grad()
+def _page_in(model: torch.nn.Module) -> None:
+    """Read every weight once. transformers leaves a safetensors file's tensors memory-mapped when their dtype is the
+    file's: their pages would come in during the first step and count as what training adds."""
+    for tensor in [*model.parameters(), *model.buffers()]:
+        if tensor.device.type == "cpu" and tensor.numel() and not tensor.is_meta:
+            tensor.detach().reshape(-1)[:: max(1, 4096 // tensor.element_size())].sum()  # one per 4 KiB page
+
+
 class PeakMemory(TrainerCallback):
     """The measured peak of the training loop (weights, optimizer, activations), for `summary.json` next to the
     estimate. On a GPU: the CUDA allocator's peaks. On CPU the allocator keeps no figures, so the process's RSS
@@ -67,10 +76,13 @@ class PeakMemory(TrainerCallback):
         self.peak: dict[str, int] = {}
         self.rss_at_start: Optional[int] = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
         if torch.cuda.is_available():
             torch.cuda.reset_peak_memory_stats()
-        elif _restart_peak_rss():
+            return
+        if model is not None:
+            _page_in(model)
+        if _restart_peak_rss():
             self.rss_at_start = _proc_status("VmRSS")
 
     def on_train_end(self, args, state, control, **kwargs):
