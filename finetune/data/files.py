@@ -22,15 +22,11 @@ from typing import Any, Optional
 import datasets
 from datasets import Dataset, Features, Value
 
-from finetune.data.turns import kind
+from finetune.data.turns import MAX_DEPTH, kind
 from finetune.errors import UserError
 
 BUILDERS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
-MAX_DEPTH = 100
-"""Deepest JSON nesting a record may have. Chat data nests a few levels (messages, tool calls, arguments); past
-about a thousand `datasets` recurses out of Python's stack (RecursionError) and, at ~100,000 (a 400 KB line),
-pyarrow's JSON reader overflows the C stack and the process dies with a segfault and no message."""
 MAX_LINE_BYTES = 64 * 2**20
 """Longest JSON Lines record: tens of millions of tokens, far past any model's context; a longer line is a file
 that is not JSON Lines (or a mistake), and reading it would hold it whole in memory, several times over."""

@@ -37,10 +37,12 @@ TEXT_PARTS = ("text", "input_text", "output_text")
 """Part types holding text (OpenAI chat and Responses API); any other type is media or unknown."""
 
 MAX_DEPTH = 100
-"""Deepest nesting of JSON text held in a field (`tools`, a call's `arguments`, a function_call turn's value). The
-record around it is checked before any parser sees it (files.check_json_shape); the text inside is parsed here, and
-past about a thousand levels Python's parser, or the templates dumping it again while training, run out of stack
-(RecursionError)."""
+"""Deepest JSON nesting a record, or JSON text held in one of its fields (`tools`, a call's `arguments`, a
+function_call turn's value), may have; chat data nests a few levels. The record is checked before any parser sees
+it (files.check_json_shape): past about a thousand levels `datasets` recurses out of Python's stack, and at ~100,000
+(a 400 KB line) pyarrow's JSON reader overflows the C stack and the process dies without a message. The text inside
+a field is parsed here, where Python's parser, or the templates dumping it again while training, would run out of
+stack past about a thousand levels (RecursionError)."""
 
 
 class BadRecord(Exception):
