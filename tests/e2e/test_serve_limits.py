@@ -184,8 +184,13 @@ def test_a_client_that_leaves_a_non_streaming_request_stops_its_generation():
         assert post(base, ask(max_tokens=3)).status_code == 200 and time.monotonic() - started < 5
 
 
+LEAVE_AFTER_S = 2.0
+"""When the abusive clients give up. The server runs in this process: with half a second, on a loaded machine, the
+1000 clients' own work kept their requests from reaching it before they left, and the queue never filled."""
+
+
 def test_a_normal_request_is_answered_while_abusive_ones_are_in_flight(url):
-    """1000 clients that ask for everything and leave after half a second, 200 KB stop strings and 10 MB bodies,
+    """1000 clients that ask for everything and leave after two seconds, 200 KB stop strings and 10 MB bodies,
     all at once; a normal client (retrying on 429 as OpenAI's SDK does) is answered within seconds."""
 
     async def abuse(client: httpx.AsyncClient) -> list[Any]:
@@ -193,7 +198,7 @@ def test_a_normal_request_is_answered_while_abusive_ones_are_in_flight(url):
 
         async def leaver() -> Any:
             try:
-                return await client.post(endpoint, json=ask(max_tokens=10**6), timeout=0.5)
+                return await client.post(endpoint, json=ask(max_tokens=10**6), timeout=LEAVE_AFTER_S)
             except httpx.HTTPError as exc:
                 return exc
 
@@ -219,15 +224,18 @@ def test_a_normal_request_is_answered_while_abusive_ones_are_in_flight(url):
         async with httpx.AsyncClient(timeout=30, limits=limits) as client:
             return await asyncio.gather(abuse(client), normal(client))
 
+    refused_before = httpx.get(f"{url}/health", timeout=30).json()["refused"]
     results, waited = asyncio.run(scenario())
     # a starved request would wait out the 20 s; 10 s leaves room for this process's own 1000 connections and 50 MB
     # of bodies, which share two cores with the server and another test worker (5.5 s seen under the full suite)
     assert waited < 10, f"a normal request waited {waited:.1f} s"
     statuses = [r.status_code for r in results if isinstance(r, httpx.Response)]
     assert statuses[-10:-5] == [422] * 5 and statuses[-5:] == [413] * 5
-    assert 429 in statuses  # the queue was full for most of the 1000
     deadline = time.monotonic() + 10
     while (health := httpx.get(f"{url}/health", timeout=30).json())["queued"]:
         assert time.monotonic() < deadline, health
         time.sleep(0.1)
+    # the queue was full for most of the 1000: the server turned them away (a client that had already left on a
+    # loaded machine never saw its 429, so the server's count is the one to hold)
+    assert health["refused"] > refused_before, health
     assert health["status"] == "ok" and post(url, ask(max_tokens=2)).status_code == 200
