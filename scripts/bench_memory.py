@@ -673,6 +673,116 @@ def cpu_markdown(rows: list[dict], layers: int = CPU_LAYERS, settings: tuple[str
         "back). Not measured here: " + "; ".join(CPU_NOT_MEASURED) + "."]) + "\n"
 
 
+RECIPE_METHODS = ("lora", "qlora", "full")
+RECIPE_SEQS = (256, 1024)
+RECIPE_COLUMNS = ("weights", "gradients", "optimizer", "activations", "logits", "step peak", "training peak")
+"""What the shipped-recipe mode compares: the first step's terms (as CPU_COLUMNS), the trained parameters'
+gradients and optimizer states, and the peak over whole optimizer steps with everything the run holds."""
+
+
+def shipped_recipe(name: str, method: str, seq: int, extra: tuple[str, ...] = ()) -> Recipe:
+    """A shipped recipe (`<name>_<method>`, e.g. qwen2_5_0_5b_lora) as it runs, at `seq` tokens, one sequence a
+    step (no accumulation), LoRA dropout 0 (a CPU keeps its mask in the input's dtype, a GPU a boolean one), and
+    `extra` overrides."""
+    return config.load(f"{name}_{method}", [f"train.max_length={seq}", "train.micro_batch=1", "train.grad_accum=1",
+                                            "lora.dropout=0", *extra])
+
+
+def whole_steps(model: torch.nn.Module, recipe: Recipe, spec: ModelSpec, steps: int = 2) -> dict[str, int]:
+    """`steps` optimizer steps as the trainer runs them, on the timeline, from a model holding only its weights.
+    Returns the gradients' and the optimizer states' bytes (at their largest) and the peak of everything alive
+    (weights included), without CPU-only tile copies of TRL's chunked loss (a GPU folds them in registers)."""
+    static = sum(state_tensors(model, None).values())
+    timeline = Timeline()
+    gen = torch.Generator().manual_seed(recipe.seed)
+    trained = [p for p in model.parameters() if p.requires_grad]
+    gradients = states = 0
+    with _one_sequence(), _cuda_4bit_matmul(), timeline, _tiles_cpu_only(timeline):
+        optimizer = _optimizer(model, recipe, spec)
+        for _ in range(steps):
+            forward_loss(model, recipe, "cpu", gen, mask=False).backward()
+            gradients = max(gradients, sum(p.grad.untyped_storage().nbytes() for p in trained if p.grad is not None))
+            torch.nn.utils.clip_grad_norm_(trained, recipe.train.max_grad_norm)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            states = sum(v.untyped_storage().nbytes() for s in optimizer.state.values() for v in s.values()
+                         if isinstance(v, torch.Tensor) and v.dim() > 0)
+        timeline.mark("end")
+    timeline.marks.setdefault("start", 0)
+    return {"gradients": gradients, "optimizer": states,
+            "training peak": static + max(peak for _, peak in timeline.phases(set()).values())}
+
+
+def estimated_recipe_terms(recipe: Recipe, spec: ModelSpec) -> dict[str, int]:
+    """The estimator's figures for the shipped-recipe mode: the first step's terms, the gradients and optimizer
+    states held once backward ends, and its peak without `overhead` (the CUDA context and fragmentation: no CPU has
+    them)."""
+    p = plan(recipe, spec, num_gpus=1)
+    held = p.phases["backward end"]  # states held between steps (the step's own temporaries come on top)
+    peak = max(sum(v for k, v in moment.items() if k != "overhead") for moment in p.phases.values())
+    return {**estimated_terms(recipe, spec), "gradients": held["gradients"], "optimizer": held["optimizer"],
+            "training peak": peak}
+
+
+def run_recipes(name: str, methods: tuple[str, ...] = RECIPE_METHODS, seqs: tuple[int, ...] = RECIPE_SEQS,
+                extra: tuple[str, ...] = ()) -> list[dict]:
+    """Each shipped recipe of `name` at each length: the whole model (every layer), built as training builds it,
+    then faked; rows of estimated and measured bytes."""
+    rows = []
+    for method, seq in itertools.product(methods, seqs):
+        recipe = shipped_recipe(name, method, seq, extra)
+        spec = registry.spec(recipe.model, recipe.variant)
+        estimated = estimated_recipe_terms(recipe, spec)  # outside the fake mode
+        model = prepare(recipe, spec, "cpu")
+        start = time.perf_counter()
+        with to_fake(model):
+            gc.collect()  # the real weights
+            measured = measured_terms(model, recipe)
+            measured.update(whole_steps(model, recipe, spec))
+        del model
+        gc.collect()
+        rows.append({"cell": CpuCell(name, method, recipe.train.logits, seq, recipe.train.gradient_checkpointing,
+                                     recipe.train.attn_implementation),
+                     "precision": recipe.train.precision, "estimated": estimated, "measured": measured,
+                     "seconds": round(time.perf_counter() - start, 1)})
+        print(recipe_row(rows[-1]), flush=True)
+    return rows
+
+
+def recipe_row(row: dict) -> str:
+    c = row["cell"]
+    cells = [f"{row['measured'][t] / GiB:.3f} ({error_pct(row, t):+.1f}%)" for t in RECIPE_COLUMNS]
+    return (f"| {c.setting} | {row['precision']} | {'on' if c.ckpt else 'off'} | {c.seq} | " + " | ".join(cells)
+            + " |")
+
+
+def recipes_markdown(name: str, rows: list[dict], extra: tuple[str, ...] = ()) -> str:
+    worst = max(abs(error_pct(r, t)) for r in rows for t in RECIPE_COLUMNS)
+    settings = "".join(f" --set {o}" for o in extra)
+    return "\n".join([
+        f"## Measured on CPU: the shipped {name} recipes, every layer{settings.replace(' --set', ',')}", "",
+        f"Generated by `python scripts/bench_memory.py --recipes {name}{settings} --out docs/memory.md` (no GPU; "
+        f"minutes). The recipes `{name}_lora|qlora|full` as they ship (their precision — train.precision=auto "
+        f"resolved on this machine —, checkpointing and optimizer){' with ' + ', '.join(extra) if extra else ''}, one "
+        "sequence a step, LoRA dropout 0: the whole model is built as training builds it, its tensors swapped for "
+        "fake ones, and one forward + backward, then two whole optimizer steps (clipping, the optimizer's states "
+        "made), run through the real transformers, PEFT, bitsandbytes, TRL and torch code while the allocation "
+        "tracker records every storage made and freed. The columns of the two-layer table above, plus the "
+        "gradients and optimizer states at their largest and the training peak: everything alive at the worst "
+        "moment of whole steps, set against the estimate's peak without its CUDA context and fragmentation. "
+        f"Each cell is the measured GiB and the estimate's error. Largest error: {worst:.1f}%.", "",
+        "| method | precision | checkpointing | tokens | " + " | ".join(RECIPE_COLUMNS) + " |",
+        "|" + "---|" * (4 + len(RECIPE_COLUMNS)), *(recipe_row(r) for r in rows), "",
+        "As in the table above, TRL's chunked loss tiles are left out (a GPU folds them in registers) and QLoRA's "
+        "4-bit matmul dequantizes its weight as bitsandbytes' CUDA backend does. " + OPTIMIZER_STEP_NOTE]) + "\n"
+
+
+OPTIMIZER_STEP_NOTE = (
+    "Where the training peak is the optimizer step (full fine-tuning at short lengths), the estimate plans torch's "
+    "foreach AdamW, a GPU's default, whose temporaries are the size of all trained parameters; on a CPU torch steps "
+    "one parameter at a time, so only the largest one's (the embedding) exist at once, and the estimate is above.")
+
+
 def write_section(path: Path, name: str, text: str) -> None:
     """Replace the section `name` of a generated document (appended when missing), keeping the rest: --published
     and --cpu each write their own part of docs/memory.md."""
@@ -782,7 +892,20 @@ def main(argv: list[str] | None = None) -> int:
                              "narrow it) and write the table to --out")
     parser.add_argument("--settings", help=f"--cpu: which of {', '.join(CPU_SETTINGS)} (default: all but freeze, "
                                            "whose table is its own section)")
+    parser.add_argument("--recipes", metavar="NAME",
+                        help="no GPU: measure the shipped recipes NAME_lora|qlora|full (whole model, fake tensors) at "
+                             f"{', '.join(map(str, RECIPE_SEQS))} tokens (--seqs narrows it; --methods) and write "
+                             "the table to --out")
     args = parser.parse_args(argv)
+    if args.recipes:
+        seqs = tuple(map(int, args.seqs.split(","))) if args.seqs != parser.get_default("seqs") else RECIPE_SEQS
+        methods = tuple(args.methods.split(","))
+        extra = tuple(args.set)
+        table = recipes_markdown(args.recipes, run_recipes(args.recipes, methods, seqs, extra), extra)
+        print(table)
+        if args.out:
+            write_section(args.out, " ".join([f"recipes {args.recipes}", *extra]), table)
+        return 0
     if args.published:
         write_section(args.published, "published", published_markdown())
         print(args.published.read_text())

@@ -32,6 +32,8 @@ class Bytes:
     kept: int  # per base weight that is not quantized (= weight, except QLoRA's fp32 upcast)
     trainable: int  # per trainable parameter (the adapters; the weights themselves for full)
     act: int  # per activation element the linears produce (the autocast dtype)
+    adapter_input: int  # per element of an adapter's own copy of its input: the autocast dtype under autocast,
+    #                     else lora_A's dtype (PEFT casts the input to it: bf16 adapters on an fp32 QLoRA base)
 
     @property
     def stream(self) -> int:
@@ -48,7 +50,7 @@ def dtype_bytes(recipe: Recipe) -> Bytes:
     were loaded in (QLoRA at train.precision=fp32 computes in quant.compute_dtype)."""
     p = model_plan(recipe, None)
     return Bytes(ELEMENT_BYTES[p.load_dtype], ELEMENT_BYTES[p.kept_dtype], ELEMENT_BYTES[p.trained_dtype],
-                 ELEMENT_BYTES[p.autocast or p.load_dtype])
+                 ELEMENT_BYTES[p.autocast or p.load_dtype], ELEMENT_BYTES[p.autocast or p.trained_dtype])
 
 
 @dataclass(frozen=True)
@@ -99,9 +101,9 @@ def _layer(f: ModelFacts, recipe: Recipe, b: Bytes, seq: int, padded: bool) -> _
                 saved_groups.add(lin.group)
                 kept = a * lin.in_features
         elif lin.lora:  # each adapter keeps its own dropped-out / cast copy (+ dropout's boolean mask)
-            kept = (1 if dropout else 0) * lin.in_features + a * lin.in_features
+            kept = (1 if dropout else 0) * lin.in_features + b.adapter_input * lin.in_features
         if lin.lora:
-            kept += a * recipe.lora.r  # lora_A's output, kept for lora_B's gradient
+            kept += b.adapter_input * recipe.lora.r  # lora_A's output, kept for lora_B's gradient
             if recipe.lora.dora:
                 kept += 2 * a * lin.out_features  # base and adapter results, rescaled by the magnitude
         parts[side] += kept
@@ -199,8 +201,8 @@ def activation_moments(f: ModelFacts, recipe: Recipe, b: Bytes, seqs: int) -> tu
     final_norm = (4 + (b.kept if recipe.method == "full" else 0)) * f.hidden * tokens  # freeze: its weight is frozen
     saved += final_norm + 2 * b.stream * f.head_dim * tokens  # + rotary cos/sin, shared by the layers
     casts = 0
-    if b.trainable != b.act:  # autocast's 16-bit copies of the fp32 trainables, saved for backward
-        casts = b.act * (f.params_trainable if full else f.params_adapter)
+    if b.trainable != b.adapter_input:  # autocast's 16-bit copies of the fp32 trainables, saved for backward
+        casts = b.adapter_input * (f.params_trainable if full else f.params_adapter)
         if ckpt:  # made again with each recomputed layer
             casts, recompute = 0, recompute + casts // layers
     saved += casts

@@ -95,3 +95,21 @@ def test_markdown_table_names_every_cell(rows):
     bench = _bench()
     table = bench.cpu_markdown(list(rows.values()), 2)
     assert table.count("\n| ") == len(rows) + 1 and "Largest error" in table
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("method", ["lora", "qlora", "full"])
+def test_whole_steps_of_the_shipped_cpu_recipes_are_within_10_percent(method, precision):
+    """The 0.5B's shipped CPU recipes (qwen2_5_0_5b_lora|qlora|full: no checkpointing, QLoRA computing in fp32
+    with bf16 adapters) over whole optimizer steps — gradients, optimizer states and the training peak too — at
+    reduced widths; docs/memory.md has the same at the real 0.5B's, every layer (`bench_memory.py --recipes`)."""
+    bench = _bench()
+    recipe = bench.shipped_recipe("qwen2_5_0_5b", method, LENGTH, (f"train.precision={precision}",))
+    spec = bench.with_layers("qwen2_5_0_5b", 2, **_config("qwen2_5_0_5b"))
+    estimated = bench.estimated_recipe_terms(recipe, spec)
+    model = bench.prepare(recipe, spec, "cpu")
+    with bench.to_fake(model):
+        measured = {**bench.measured_terms(model, recipe), **bench.whole_steps(model, recipe, spec)}
+    row = {"estimated": estimated, "measured": measured}
+    errors = {term: bench.error_pct(row, term) for term in bench.RECIPE_COLUMNS}
+    assert all(abs(e) <= 10 for e in errors.values()), {t: f"{e:+.1f}%" for t, e in errors.items()}
