@@ -97,6 +97,11 @@ def cmd_train(args: list[str]) -> int:
         sys.stdout.write(config.to_yaml(recipe))
         return 0
     if flags.dry_run:
+        from finetune import kernels
+        from finetune.estimate import gpu
+
+        if refused := kernels.problem(recipe, gpu=bool(gpu.detect())):
+            err.print(f"[yellow]training would refuse to start:[/] {refused}", soft_wrap=True)
         return _estimate(recipe, as_json=False, png=None, compare=True)
     from finetune import train
 

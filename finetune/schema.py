@@ -24,6 +24,7 @@ Optimizer = Literal["adamw_torch", "adamw_8bit", "paged_adamw_8bit", "paged_adam
 Scheduler = Literal["linear", "cosine", "constant", "constant_with_warmup"]
 Attention = Literal["eager", "sdpa", "flash_attention_2"]
 Logits = Literal["chunked", "full"]
+Kernels = Literal["none", "liger"]
 QuantBits = Literal[4, 8]
 QuantType = Literal["nf4", "fp4"]
 DpoLoss = Literal["sigmoid", "ipo", "hinge"]
@@ -75,6 +76,7 @@ class TrainConfig:
     max_grad_norm: float = 1.0
     attn_implementation: Attention = "sdpa"
     logits: Logits = "chunked"  # chunked: TRL's loss on [4096, 32768] tiles | full: fp32 [tokens, vocab] logits (SFT)
+    kernels: Kernels = "none"  # liger: Liger's Triton kernels through TRL (a CUDA GPU and the liger-kernel package)
     logging_steps: int = 10
     eval_steps: Optional[int] = None
     save_steps: int = 200

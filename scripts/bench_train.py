@@ -74,7 +74,7 @@ class Setting:
     logging_steps: int = 5
 
     def overrides(self, out: Path) -> list[str]:
-        kernels = ["train.kernels=liger"] if self.liger else []  # refused where the schema lacks the key
+        kernels = ["train.kernels=liger"] if self.liger else []  # refused without a CUDA GPU and liger-kernel
         return [f"model={self.model}", f"method={self.method}", f"output_dir={out}", f"data.path={self.data}",
                 "data.val_size=0", f"data.packing={str(self.packing).lower()}", f"train.max_steps={self.steps}",
                 f"train.micro_batch={self.micro_batch}", "train.grad_accum=1", f"train.max_length={self.max_length}",

@@ -30,7 +30,7 @@ from rich.console import Console
 from transformers import set_seed
 from transformers.trainer_callback import ProgressCallback
 
-from finetune import atomic, config, rundir
+from finetune import atomic, config, kernels, rundir
 from finetune.config import Recipe, to_yaml
 from finetune.engines import ENGINES
 from finetune.errors import UserError, WontFitError
@@ -82,6 +82,8 @@ def start(recipe: Recipe, *, force: bool, trust_remote_code: bool = False) -> Se
     started = time.monotonic()
     where = distributed.launch(recipe)
     distributed.check(recipe, where)
+    if refused := kernels.problem(recipe, gpu=not where.use_cpu and torch.cuda.is_available()):
+        raise UserError(refused)
     console = Console(stderr=True, highlight=False, quiet=not where.is_main, soft_wrap=True)  # paths copied whole
     spec = gguf_base.named(recipe.model).spec if gguf_base.is_gguf(recipe.model) \
         else registry.spec(recipe.model, recipe.variant) if recipe.model in registry.models() else None
@@ -221,6 +223,7 @@ def trainer_args(config_class: type, session: Session, *, has_eval: bool, **extr
         save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit,
         eval_strategy="steps" if has_eval else "no", eval_steps=t.eval_steps or t.save_steps,
         report_to=recipe.report_to, remove_unused_columns=False, neftune_noise_alpha=t.neftune_alpha,
+        use_liger_kernel=t.kernels == "liger",
         **{"gradient_checkpointing": t.gradient_checkpointing,  # FSDP turns it off: it checkpoints itself
            **distributed.trainer_kwargs(recipe, session.launch), **extra})
 

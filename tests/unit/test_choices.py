@@ -17,6 +17,7 @@ from finetune.plan import OPTIMIZERS
 
 CHOICE_KEYS = ["hub", "method", "stage", "distributed", "report_to", "data.format", "data.on_bad_record",
                "train.precision", "train.optimizer", "train.scheduler", "train.attn_implementation", "train.logits",
+               "train.kernels",
                "quant.bits", "quant.type", "quant.compute_dtype", "dpo.loss", "lora.init"]
 
 
