@@ -175,11 +175,24 @@ def rank_info(trainer: Any) -> dict[str, Any]:
 
 
 def engine_name(accelerator: Any) -> str:
-    """What actually ran, as accelerate set it up ("DEEPSPEED zero3", "FSDP2", "MULTI_CPU", "NO"): a run that asked
-    for an engine and silently got DDP shows it here."""
+    """What actually ran, as accelerate set it up ("DEEPSPEED zero3", "DEEPSPEED zero3 offload params+optimizer",
+    "FSDP2", "MULTI_CPU", "NO"): a run that asked for an engine and silently got DDP, or ZeRO-3 without its
+    offload, shows it here."""
     kind = accelerator.distributed_type.value
     if kind == "DEEPSPEED":
-        return f"DEEPSPEED zero{accelerator.state.deepspeed_plugin.zero_stage}"
+        name = f"DEEPSPEED zero{accelerator.state.deepspeed_plugin.zero_stage}"
+        offloaded = _deepspeed_offload(accelerator)
+        return f"{name} offload {'+'.join(offloaded)}" if offloaded else name
     if kind == "FSDP":
         return f"FSDP{accelerator.state.fsdp_plugin.fsdp_version}"
     return kind
+
+
+def _deepspeed_offload(accelerator: Any) -> list[str]:
+    """What the running DeepSpeed engine keeps off the accelerator (its resolved config, not the JSON asked for)."""
+    wrapped = accelerator.deepspeed_engine_wrapped
+    if wrapped is None:  # never prepared: nothing ran
+        return []
+    engine = wrapped.engine
+    places = {"params": engine.zero_offload_param(), "optimizer": engine.zero_offload_optimizer()}
+    return [what for what, offload in places.items() if offload is not None and offload.device != "none"]
