@@ -1,14 +1,28 @@
 """Real 2-process runs on CPU (gloo), launched the way users launch on GPUs: `accelerate launch --multi_gpu
---num_processes 2 -m finetune recipe=... distributed=ddp|zero2|zero3|fsdp`, and two "nodes" on 127.0.0.1.
+--num_processes 2 -m finetune recipe=... distributed=ddp|zero2|zero3|zero3_offload|fsdp`, and two "nodes" on
+127.0.0.1.
 
 The traps they guard against: without `use_cpu=True` on a GPU-less machine both processes silently train alone
 (world size 1 each); accelerate drops an FSDP plugin on CPU and silently trains DDP; a ZeRO-3 adapter saved from
-partitioned (empty) parameters. So each run reports the engine that actually ran, and the sharded engines must give
-DDP's losses and weights: same seed, same data order, a constant learning rate (a run stopped after 2 steps and
-resumed to 4 then follows the same schedule as the uninterrupted one).
+partitioned (empty) parameters; an export that only works on a single-process run. So each run reports the engine
+that actually ran (ZeRO-3 offload included), and the sharded engines must give DDP's losses and weights: same seed,
+same data order, a constant learning rate (a run stopped after 2 steps and resumed to 4 then follows the same
+schedule as the uninterrupted one).
 
-Measured on CPU in fp32: every engine's step losses equal DDP's to within 1e-7 relative (ZeRO-3's reduce-scatter
-sums in another order); REL_TOL leaves a margin of 100x.
+What is proven, against 2-process DDP as two nodes on loopback:
+- LoRA under zero2, zero3, zero3_offload (DeepSpeed's CPU Adam, weights and optimizer offloaded: on CPU a
+  CPU-to-CPU move) and fsdp, stopped at step 2 and resumed to 4: every step's loss within REL_TOL relative of
+  DDP's, the adapter within REL_TOL (atol 1e-6) of DDP's and not empty; `finetune export to=merged` equals PEFT's
+  merge of that saved adapter in this process, tensor for tensor and bit for bit, both in the export's 16-bit
+  dtype (f16 for an fp32 run; a merge in fp32 rounded to f16 afterwards differs by up to 5.7e-5, one f16 step:
+  the export rounds the base to f16 before adding the delta).
+- Full fine-tuning under zero3 and fsdp: model/ is an ordinary checkpoint, the two engines agree, and its export
+  is model/ rounded to f16, bit for bit.
+- QLoRA trains under fsdp; two nodes train one run with one output_dir each (ddp) or a shared one (zero2).
+
+Measured on CPU in fp32: every engine's step losses equal DDP's exactly and the adapters differ from DDP's by at
+most 1.9e-7 (zero3, zero3_offload; zero2 1.5e-8, fsdp 0); REL_TOL leaves room for another summation order.
+The first zero3_offload run on a machine compiles DeepSpeed's CPU Adam (77 s on 2 cores, then cached).
 """
 
 from __future__ import annotations
@@ -25,6 +39,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from finetune.rundir import RunDir
+
 pytestmark = pytest.mark.distributed
 
 REPO = Path(__file__).resolve().parents[2]
@@ -34,7 +50,8 @@ ARGS = ["data.max_samples=16", "data.val_size=0", "train.max_steps=4", "train.mi
 LORA = ["recipe=tiny_qwen2_5_lora", *ARGS]
 FULL = ["recipe=tiny_qwen2_5_full", *ARGS]
 REL_TOL = 1e-5
-ENGINE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED zero2", "zero3": "DEEPSPEED zero3", "fsdp": "FSDP2"}
+ENGINE = {"ddp": "MULTI_CPU", "zero2": "DEEPSPEED zero2", "zero3": "DEEPSPEED zero3",
+          "zero3_offload": "DEEPSPEED zero3 offload params+optimizer", "fsdp": "FSDP2"}
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}  # two processes on a shared 2-core machine
 
 
@@ -104,6 +121,20 @@ def close(a: float, b: float) -> bool:
     return abs(a - b) <= REL_TOL * abs(b)
 
 
+def safetensors(directory: Path) -> dict[str, torch.Tensor]:
+    files = sorted(directory.glob("*.safetensors"))
+    return {name: tensor for file in files for name, tensor in load_file(file).items()}
+
+
+def export_merged(out: Path) -> dict[str, torch.Tensor]:
+    """`finetune export run=... to=merged`, as a user runs it after training (one process, no engine): the merged
+    16-bit checkpoint's tensors."""
+    done = subprocess.run([sys.executable, "-m", "finetune", "export", f"run={out}", "to=merged"], cwd=REPO,
+                          capture_output=True, text=True, timeout=300, env={**os.environ, **ONE_THREAD})
+    assert done.returncode == 0, done.stderr[-3000:]
+    return safetensors(RunDir(out).export_dir("merged"))
+
+
 def test_two_nodes_on_loopback_train_one_run_and_only_global_rank0_writes(ddp):
     out, log = ddp
     got = summary(out)
@@ -138,9 +169,10 @@ def test_two_nodes_sharing_one_output_dir_train_zero2_together(train, root, ddp)
     assert all(close(loss, want[step]) for step, loss in step_losses(out).items())
 
 
-@pytest.mark.parametrize("engine", ["zero2", "zero3", "fsdp"])
-def test_sharded_engine_trains_lora_resumes_and_matches_ddp(engine, train, ddp):
-    """2 steps, then `resume=` to 4 from the step-2 checkpoint: DDP's losses, and an adapter that loads alone."""
+@pytest.mark.parametrize("engine", ["zero2", "zero3", "zero3_offload", "fsdp"])
+def test_sharded_engine_trains_lora_resumes_matches_ddp_and_exports_its_merge(engine, train, ddp):
+    """2 steps, then `resume=` to 4 from the step-2 checkpoint: DDP's losses and adapter, and a merged export that
+    is the single-process merge of that adapter."""
     out, _ = train(f"{engine}-lora", *LORA, f"distributed={engine}", "train.max_steps=2")
     if summary(out)["global_step"] == 2:  # not resumed yet in this module
         launch([*LORA, f"distributed={engine}", f"resume={out}"], out.with_name(f"{out.name}-resumed"))
@@ -158,11 +190,19 @@ def test_sharded_engine_trains_lora_resumes_and_matches_ddp(engine, train, ddp):
         torch.testing.assert_close(tensor, reference[name], rtol=REL_TOL, atol=1e-6)
     assert any(t.abs().sum() > 0 for name, t in adapter.items() if "lora_B" in name)  # B starts at zero: it trained
 
+    # the export equals PEFT's own merge of the saved adapter in this process (no engine), in the export's 16-bit
+    # dtype (the run is fp32: f16), bit for bit; and the adapter moved the weights the export holds
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    base = AutoModelForCausalLM.from_pretrained(json.loads((out / "base.json").read_text())["path"])
-    PeftModel.from_pretrained(base, str(out / "adapter"))  # one process, no engine: a plain PEFT adapter
+    exported, base_dir = export_merged(out), RunDir(out).base().directory
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float16)
+    merged = PeftModel.from_pretrained(base, str(out / "adapter")).merge_and_unload().state_dict()
+    assert sorted(exported) == sorted(merged)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, merged[name]), name
+    start = safetensors(base_dir)
+    assert any(not torch.equal(tensor, start[name].to(tensor.dtype)) for name, tensor in exported.items())
 
 
 @pytest.fixture(scope="module")
@@ -171,7 +211,7 @@ def full_runs(train) -> dict[str, Path]:
 
 
 @pytest.mark.parametrize("engine", ["zero3", "fsdp"])
-def test_sharded_full_fine_tune_saves_a_normal_checkpoint(engine, full_runs, ddp):
+def test_sharded_full_fine_tune_saves_a_normal_checkpoint_that_exports_as_is(engine, full_runs, ddp):
     """The model/ written from sharded state is an ordinary transformers checkpoint; ZeRO-3 and FSDP (two
     implementations) agree on its weights and losses, and their first step is DDP's (same data, same base)."""
     from transformers import AutoModelForCausalLM
@@ -192,6 +232,12 @@ def test_sharded_full_fine_tune_saves_a_normal_checkpoint(engine, full_runs, ddp
     # engines must agree to ~1% of that movement.
     for name, tensor in mine.items():
         torch.testing.assert_close(tensor, theirs[name], rtol=REL_TOL, atol=1e-4)
+
+    # a full model's "merge" is the checkpoint itself: the export holds model/'s weights, rounded to f16 once
+    exported, saved = export_merged(out), safetensors(out / "model")
+    assert sorted(exported) == sorted(saved)
+    for name, tensor in exported.items():
+        assert torch.equal(tensor, saved[name].to(tensor.dtype)), name
 
 
 def test_qlora_trains_under_fsdp_with_4_bit_storage_in_the_compute_dtype(train):
