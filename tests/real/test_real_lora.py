@@ -121,13 +121,13 @@ def test_a_gguf_that_lost_the_finetune_fails_verification(exported, real_gguf):
 
     merged = exported.export_dir("merged")
     tokenizer = AutoTokenizer.from_pretrained(merged)
-    reference = verify.Reference.build(
-        merged, exported.base().directory, pipeline.general_text(tokenizer)[:2],
-        pipeline.trained_prompts(exported, tokenizer, "qwen2_5"), chat.get("qwen2_5").stop_token_ids(tokenizer))
+    reference = verify.Reference.build(  # two trained prompts and one paragraph: the verdict, at half the cost
+        merged, exported.base().directory, pipeline.general_text(tokenizer)[:1],
+        pipeline.trained_prompts(exported, tokenizer, "qwen2_5")[:2], chat.get("qwen2_5").stop_token_ids(tokenizer))
     check = verify.compare(reference, verify.Route(real_gguf, "q4_k_m"))
     assert check.lost_finetune and not check.passed
     assert check.kept == 0 and check.retained is not None and check.retained < 0.2
-    assert check.failures[0].startswith("lost the fine-tune: answers like the base model on 4 of the 4")
+    assert check.failures[0].startswith("lost the fine-tune: answers like the base model on 2 of the 2")
 
 
 def _free_port() -> int:

@@ -5,6 +5,7 @@ real CLI until it gives a trained answer."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -28,7 +29,8 @@ def test_qlora_on_the_real_model_learns_an_identity_answer(real_gguf, tmp_path):
     assert losses[-1] < losses[0] / 10, losses
     adapter = json.loads((run.adapter_dir / "adapter_config.json").read_text())
     assert set(adapter["target_modules"]) >= {"q_proj", "k_proj", "v_proj"}  # the projections with biases train
-    chat = subprocess.run([sys.executable, "-m", "finetune", "chat", f"run={run.path}", "prompt=你是谁？"],
-                          capture_output=True, text=True, timeout=300)
-    assert chat.returncode == 0, chat.stderr[-3000:]
-    assert chat.stdout.strip() == QUESTIONS["你是谁？"]
+    # the report's sample: the trained 4-bit model's own greedy answer to a trained prompt (`finetune chat` is the
+    # LoRA tier's; here the generation through bitsandbytes' 4-bit layers is what is new)
+    fences = re.findall(r"```\n(.*?)\n```", run.report_file.read_text(encoding="utf-8"), re.S)
+    reference, before, after = fences[-4:-1]
+    assert after.strip() == reference.strip() and reference.strip() in QUESTIONS.values(), fences
