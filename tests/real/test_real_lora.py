@@ -75,6 +75,26 @@ def llama_answers(model: Path, adapter: Path | None, run: RunDir) -> dict[str, s
     return answers
 
 
+def test_the_gguf_base_is_a_plain_16_bit_checkpoint_and_the_run_says_where_it_came_from(run, real_gguf):
+    """Dequantized once into the converted cache: the native class, 16-bit weights, no GGUF quantization_config
+    left (save_pretrained refuses one), embeddings tied (this GGUF has no separate output tensor); the report says
+    the base carries Q4_K_M's rounding error."""
+    base = run.base().directory
+    saved = json.loads((base / "config.json").read_text())
+    assert saved["architectures"] == ["Qwen2ForCausalLM"] and "quantization_config" not in saved
+    assert saved["dtype"] == "bfloat16" and saved["tie_word_embeddings"] is True
+    assert json.loads((base / "gguf_source.json").read_text())["file"] == str(real_gguf)
+    assert "base dequantized from Q4_K_M" in run.report_file.read_text(encoding="utf-8")
+
+
+def test_chat_takes_the_gguf_file_itself_as_its_model(real_gguf):
+    """model=file.gguf wherever a model is named: the untrained base answers as Qwen2.5-Coder does (from the
+    converted cache the training run filled: no second dequantization)."""
+    done = finetune("chat", f"model={real_gguf}", "prompt=你是谁？", timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "阿里" in done.stdout and "小调" not in done.stdout, done.stdout
+
+
 def test_lora_teaches_the_real_model_and_chat_answers_as_trained(run):
     losses = [row["loss"] for row in map(json.loads, run.metrics_file.read_text().splitlines()) if "loss" in row]
     assert losses[-1] < losses[0] / 20, losses
