@@ -126,6 +126,8 @@ def model_plan(recipe: Recipe, spec: Optional[ModelSpec]) -> ModelPlan:
         load: Precision = recipe.quant.compute_dtype
     elif trains_weights(method) and recipe.train.precision == "fp16":
         load = "fp32"  # fp16 mixed precision needs fp32 master weights (its gradient scaler refuses fp16 ones)
+    elif method == "full" and recipe.distributed == "fsdp" and recipe.train.precision != "fp32":
+        load = "fp32"  # accelerate upcasts what FSDP2 trains to fp32 master weights before sharding (fsdp_utils)
     else:
         load = recipe.train.precision
     upcast = quantized and recipe.quant.upcast

@@ -132,14 +132,17 @@ def _optimizer_bytes(f: ModelFacts, b: Bytes, optimizer: str, magnitude_bytes: i
 def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: Bytes, dist: str, n: int) -> None:
     """Shard `parts` (weights, trainable_weights, gradients, optimizer, step) the way the strategy does."""
     layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
-    gathered = 2 * max(f.largest_module_params, layer) * b.weight  # the unit in use + the one prefetched
+    unit = max(f.largest_module_params, layer)
+    gathered = 2 * unit * b.weight  # the unit in use + the one prefetched
     if dist == "ddp":
         parts["gradients"] *= 2  # DDP's flat gradient buckets are a second copy (gradient_as_bucket_view=False)
     elif dist == "fsdp":
         for term in ("weights", "trainable_weights", "gradients", "optimizer", "step"):
             parts[term] //= n
         parts["weights"] += gathered
-        parts["gradients"] += gathered  # a unit's unsharded gradients before reduce-scatter
+        # a unit's unsharded gradients before reduce-scatter: one unit's, in the dtype it trains in (measured on
+        # 2 CPU ranks for full fine-tuning: bench_memory_ranks.py); adapter runs keep the former allowance
+        parts["gradients"] += unit * b.trainable if recipe.method == "full" else gathered
     elif ENGINES[dist].launcher == "deepspeed":  # a 16-bit engine module; the fp32 master copy and the states live in the optimizer
         if recipe.method == "full":
             parts["weights"] = f.params_total * 2 + f.buffer_bytes

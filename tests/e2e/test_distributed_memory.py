@@ -5,11 +5,11 @@ storage each rank makes and frees.
 
 What holds within TOLERANCE on both ranks, and is asserted here (HOLDS): the weights each rank holds (zero2: the
 16-bit module and its fp32 master partition; zero3 and fsdp: the partition or shard, against the plan's weights
-without its two gathered units) and the optimizer states, exactly, for LoRA (all three) and full fine-tuning (zero2,
-zero3); zero3 full's gradients (+2.1%); the training peak of LoRA under zero2 (-1.1%) and fsdp (-6.6%).
+without its two gathered units) and the optimizer states, exactly, for LoRA and full fine-tuning under all three;
+zero3 full's gradients (+2.1%); fsdp full's gradients (exact) and peak (+2.8%: accelerate's fp32 upcast of what FSDP
+trains, now planned); the training peak of LoRA under zero2 (-1.1%) and fsdp (-6.6%).
 What does not, measured and left to the estimator (docs/memory.md, the ranks section, says why): LoRA's gradients
-at the step under every engine, zero2 full's, zero3's peaks (-12.6%), zero2 full's peak (-30.5%), and fsdp full,
-whose trainable weights accelerate upcasts to fp32 (weights, gradients and states twice the plan's bf16).
+at the step under every engine, zero2 full's, zero3's peaks (-12.6%) and zero2 full's peak (-30.5%).
 """
 
 from __future__ import annotations
@@ -29,7 +29,8 @@ pytestmark = pytest.mark.distributed
 TOLERANCE = 0.10
 HOLDS = {("zero2", "lora"): ("weights", "optimizer", "peak"), ("zero3", "lora"): ("sharded", "optimizer"),
          ("fsdp", "lora"): ("sharded", "optimizer", "peak"),
-         ("zero2", "full"): ("weights", "optimizer"), ("zero3", "full"): ("sharded", "gradients", "optimizer")}
+         ("zero2", "full"): ("weights", "optimizer"), ("zero3", "full"): ("sharded", "gradients", "optimizer"),
+         ("fsdp", "full"): ("sharded", "gradients", "optimizer", "peak")}
 """The terms held to TOLERANCE for each engine and method (the module docstring says why the others are not)."""
 
 
