@@ -173,8 +173,11 @@ def test_run_directory_holds_report_curve_samples_and_estimate(tmp_path):
     assert summary["estimate_peak_bytes"] > 0 and summary["memory"]["host_peak_rss_bytes"] > 0
     assert summary["final_eval_loss"] is not None and summary["next"] == f"finetune export run={result.path} to=ollama"
     report = result.report_file.read_text()
-    for fragment in ("![loss curve](loss.png)", "tokens/s", "memory estimate", "measured peak", "Before:", "After:",
-                     "[/INST]", "finetune export run="):
+    memory = summary["memory"]  # CPU: what training added to the RSS, beside the estimate above the weights
+    assert 0 < memory["host_rss_at_train_start_bytes"] < memory["host_peak_rss_bytes"]
+    assert summary["estimate_training_bytes"] > 0
+    for fragment in ("![loss curve](loss.png)", "tokens/s", "memory estimate", "measured: peak RSS while training",
+                     "Before:", "After:", "[/INST]", "finetune export run="):
         assert fragment in report, fragment
     assert list((result.checkpoints_dir / "runs").glob("*/events.out.tfevents.*"))
     assert json.loads(result.estimate_file.read_text())["fits"] is None  # CPU: nothing to compare against
