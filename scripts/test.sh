@@ -13,8 +13,8 @@ if ! { command -v go && command -v chromedriver; } >/dev/null 2>&1 && command -v
 fi
 # Two workers (at most four on bigger machines), a test file per worker at a time, the longest files first
 # (tests/conftest.py LONGEST_FIRST; xdist would otherwise order files by their number of tests), one thread per
-# process (tests/conftest.py). The real-model tier (tests/real) is ~15 min of one worker; 1049 tests took 27.7 min on
-# 2 cores on 2026-12-06 (18 min for 954 tests the day before, on a machine that imported torch faster).
+# process (tests/conftest.py). 1097 tests took 28.4 min on 2 cores on 2026-12-06 (54 CPU-minutes: the distributed
+# engines ~16 min of one worker, the real-model tier ~11), over the 25-minute goal.
 .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder \
   --durations=15 "$@"
 rc=$?

@@ -26,9 +26,9 @@ def pytest_configure(config: pytest.Config) -> None:
         os.environ.setdefault("MKL_NUM_THREADS", "1")
 
 
-LONGEST_FIRST = ("test_real_lora.py", "test_real_qlora.py", "test_stages.py", "test_web.py", "test_export.py",
-                 "test_train.py", "test_resume.py",
-                 "test_chat.py", "test_demo.py")
+LONGEST_FIRST = ("test_distributed.py", "test_real_lora.py", "test_distributed_memory.py", "test_real_qlora.py",
+                 "test_stages.py", "test_web.py", "test_export.py", "test_train.py", "test_first_hour_cli.py",
+                 "test_resume.py", "test_chat.py", "test_demo.py")
 """The test files that take longest (minutes each), started first so that pytest-xdist's workers finish together
 instead of one running the browser test alone at the end (scripts/test.sh keeps this order: --no-loadscope-reorder)."""
 
