@@ -646,6 +646,11 @@ CPU_NOT_MEASURED = (
 )
 
 
+def table(header: tuple[str, ...], lines) -> list[str]:
+    """A Markdown table: the header row, its rule, then the rows already rendered (cpu_row, recipe_row)."""
+    return ["| " + " | ".join(header) + " |", "|" + "---|" * len(header), *lines]
+
+
 def cpu_markdown(rows: list[dict], layers: int = CPU_LAYERS, settings: tuple[str, ...] = ADAPTER_SETTINGS) -> str:
     """The CPU-mode table, with what it measures and what it does not."""
     worst = max(abs(error_pct(r, t)) for r in rows for t in CPU_COLUMNS)
@@ -665,8 +670,8 @@ def cpu_markdown(rows: list[dict], layers: int = CPU_LAYERS, settings: tuple[str
         "Columns: the frozen weights; what the decoder saves for backward; the loss head's own bytes on top of "
         "them; the peak while backward crosses the layers (or the final norm); the step's peak with the weights. "
         f"Each cell is the measured GiB and the estimate's error. Largest error: {worst:.1f}%.", "",
-        "| model | setting | logits | attention | checkpointing | tokens | " + " | ".join(CPU_COLUMNS) + " |",
-        "|" + "---|" * (6 + len(CPU_COLUMNS)), *(cpu_row(r) for r in rows), "",
+        *table(("model", "setting", "logits", "attention", "checkpointing", "tokens", *CPU_COLUMNS),
+               map(cpu_row, rows)), "",
         "Two things follow the GPU rather than the CPU, as the GPU runs them: TRL's chunked loss folds each tile in "
         "a Triton kernel (its CPU fallback's fp32 tile copies are left out) and bitsandbytes' CUDA backend runs a "
         "training-sized 4-bit matmul as dequantize + F.linear (the CPU fuses them; the dequantized weight is put "
@@ -771,8 +776,7 @@ def recipes_markdown(name: str, rows: list[dict], extra: tuple[str, ...] = ()) -
         "gradients and optimizer states at their largest and the training peak: everything alive at the worst "
         "moment of whole steps, set against the estimate's peak without its CUDA context and fragmentation. "
         f"Each cell is the measured GiB and the estimate's error. Largest error: {worst:.1f}%.", "",
-        "| method | precision | checkpointing | tokens | " + " | ".join(RECIPE_COLUMNS) + " |",
-        "|" + "---|" * (4 + len(RECIPE_COLUMNS)), *(recipe_row(r) for r in rows), "",
+        *table(("method", "precision", "checkpointing", "tokens", *RECIPE_COLUMNS), map(recipe_row, rows)), "",
         "As in the table above, TRL's chunked loss tiles are left out (a GPU folds them in registers) and QLoRA's "
         "4-bit matmul dequantizes its weight as bitsandbytes' CUDA backend does. " + OPTIMIZER_STEP_NOTE]) + "\n"
 
