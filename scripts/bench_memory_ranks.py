@@ -13,20 +13,25 @@ every storage each rank makes and frees from before the model is built to the en
   weights       the module's parameters and buffers as the engine holds them when the optimizer steps (a ZeRO-3
                 partition, an FSDP shard), with DeepSpeed's fp32 master partitions (the plan's trainable_weights)
   optimizer     the optimizer's state tensors then (DeepSpeed's inner torch optimizer; FSDP's sharded states)
-  gradients     everything else alive when the optimizer steps (the second step): gradient partitions and the
-                engine's buckets (weights and states as above, read at that moment)
+  gradients     everything else alive when the optimizer steps (the fullest call of the second step: DeepSpeed
+                steps once per parameter group): gradient partitions, their fp32 copies, the engine's buckets
+                (weights and states as above, read at that moment); against the plan's optimizer step
   peak          the most alive at once from the first step's start to the last step's end (the plan's peak
                 without the CUDA-side `overhead`). Not the load: on CPU the model is built whole in the same memory
                 before the engine shards it, where a GPU run builds it in host RAM (FSDP's cpu_ram_efficient_loading,
                 the Trainer's move to the device); nor the checkpoint saved after the last step.
-  sharded       (zero3, fsdp) the same weights against the plan's weights without its two gathered
-                units (the unit in use and the one prefetched, which exist only while a unit runs)
+  sharded       (zero3, fsdp) the same weights against the plan's weights without its gathered parameters
+                (finetune/estimate/memory.py gathered_bytes), which exist only while units run
+torch's AdamW steps all tensors at once (foreach), as on a GPU; meta tensors (DeepSpeed's shape records) hold no
+memory and are not counted.
 Rank 0 prints the table (markdown) and, with --json, writes every rank's figures.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import importlib
 import json
 import sys
 import tempfile
@@ -44,7 +49,7 @@ from finetune import config  # noqa: E402
 from finetune.config import Recipe  # noqa: E402
 from finetune.engines import ENGINES  # noqa: E402
 from finetune.estimate.activations import dtype_bytes  # noqa: E402
-from finetune.estimate.memory import plan  # noqa: E402
+from finetune.estimate.memory import gathered_bytes, plan  # noqa: E402
 from finetune.estimate.params import facts  # noqa: E402
 from finetune.models import tokenizers  # noqa: E402
 from finetune.models.registry import ModelSpec  # noqa: E402
@@ -94,6 +99,8 @@ class RankTimeline(bench_memory.Timeline):
         return out
 
     def _made(self, storage: torch.UntypedStorage) -> None:
+        if storage.device.type == "meta":  # shape records (DeepSpeed's round_robin_bit16_meta): no memory
+            return
         super()._made(storage)
         self._storages[storage._cdata] = self._live[storage._cdata], weakref.ref(storage)
 
@@ -107,6 +114,20 @@ class RankTimeline(bench_memory.Timeline):
             elif uid not in self.cpu_only:
                 total += storage.nbytes()
         return total
+
+
+@contextlib.contextmanager
+def _foreach_adamw():
+    """torch's AdamW steps as it does on a GPU, all tensors at once (foreach: one temporary the size of what it
+    steps), where on a CPU it defaults to one tensor at a time (two temporaries the size of the largest tensor:
+    sqrt, then the division; DeepSpeed's flat fp32 partition is one tensor). The plan counts the GPU's."""
+    adam = importlib.import_module("torch.optim.adam")  # torch.optim's namespace hides the module's name
+    original = adam._default_to_fused_or_foreach
+    adam._default_to_fused_or_foreach = lambda *_, **__: (False, True)
+    try:
+        yield
+    finally:
+        adam._default_to_fused_or_foreach = original
 
 
 def local(t: torch.Tensor) -> torch.Tensor:
@@ -144,21 +165,14 @@ def held(model: torch.nn.Module, optimizer) -> dict[str, int]:
 
 
 def estimated(r: Recipe) -> dict[str, int]:
-    """The plan's per-process figures for the measured terms."""
+    """The plan's per-process figures for the measured terms, at its optimizer step (the moment measured)."""
     p = plan(r, spec(), num_gpus=2)
-    end = p.phases["backward end"]
-    weights = end["weights"] + end["trainable_weights"]
-    sharded = {"sharded": weights - gathered(r)} if ENGINES[r.distributed].shards_weights else {}
-    return {"weights": weights, "gradients": end["gradients"], "optimizer": end["optimizer"],
+    step = p.phases["optimizer step"]
+    weights = step["weights"] + step["trainable_weights"]
+    sharded = ({"sharded": weights - gathered_bytes(facts(r, spec()), dtype_bytes(r), r.distributed)}
+               if ENGINES[r.distributed].shards_weights else {})
+    return {"weights": weights, "gradients": step["gradients"], "optimizer": p.phases["backward end"]["optimizer"],
             "peak": max(sum(v for k, v in m.items() if k != "overhead") for m in p.phases.values()), **sharded}
-
-
-def gathered(r: Recipe) -> int:
-    """The plan's allowance for gathered units under ZeRO-3 and FSDP (finetune/estimate/memory.py _distribute):
-    the larger of the largest module and a decoder layer, twice, in the weights' dtype."""
-    f, b = facts(r, spec()), dtype_bytes(r)
-    layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
-    return 2 * max(f.largest_module_params, layer) * b.weight
 
 
 def dataset(r: Recipe):
@@ -186,21 +200,26 @@ def measure(r: Recipe, where: Launch, out: Path) -> dict:
 
     class Moments(TrainerCallback):
         def on_step_begin(self, *_, **__):
+            marks.pop("step_live", None)
             if "trained" not in marks:  # the peak of training, from the first step: not the load (module doc)
                 timeline.peak = timeline.live_bytes()
 
         def on_step_end(self, *_, **__):  # before the Trainer saves a checkpoint: saving is not training
             marks["trained"] = timeline.peak
 
-    def before_step(optimizer, *_):  # the last call (the second step's) stands: the states exist by then
+    def before_step(optimizer, *_):
+        """The fullest optimizer call of the last step stands (the states exist by then). DeepSpeed steps its torch
+        optimizer once per parameter group (and ZeRO-3 per sub-group), each with that group's gradients."""
         if hasattr(optimizer, "optimizer"):  # a wrapper (accelerate's, DeepSpeed's) steps its torch optimizer
             return
-        marks.update(held(model, optimizer))
-        marks["gradients"] = timeline.live_bytes() - marks["weights"] - marks["optimizer"]
+        live = timeline.live_bytes()
+        if live > marks.get("step_live", -1):
+            marks.update(held(model, optimizer), step_live=live)
+            marks["gradients"] = live - marks["weights"] - marks["optimizer"]
 
     hook = register_optimizer_step_pre_hook(before_step)
     try:
-        with timeline, bench_memory._tiles_cpu_only(timeline):  # a GPU folds TRL's loss tiles in registers
+        with _foreach_adamw(), timeline, bench_memory._tiles_cpu_only(timeline):  # a GPU folds TRL's loss tiles in registers
             model = bench_memory.prepare(r, s, "cpu")
             for p in model.parameters():  # ZeRO-3 made its partitions uninitialised: a finite loss needs values
                 getattr(p, "ds_tensor", p).data.fill_(bench_memory.STD)
@@ -225,7 +244,8 @@ def table(engine: str, method: str, estimate: dict[str, int], ranks: list[dict])
     mib = 2**20
     head = "| engine | method | term | estimate MiB | " + " | ".join(f"rank {r['rank']} MiB (error)" for r in ranks)
     lines = [head + " |", "|" + "---|" * (4 + len(ranks))]
-    for term in (t for t in TERMS if t in estimate):
+    held = [t for t in TERMS if t in estimate and not (t == "weights" and "sharded" in estimate)]  # a shard: sharded
+    for term in held:
         cells = [f"{r[term] / mib:.2f} ({error_pct(estimate[term], r[term]):+.1f}%)" for r in ranks]
         lines.append(f"| {engine} | {method} | {term} | {estimate[term] / mib:.2f} | " + " | ".join(cells) + " |")
     return "\n".join(lines)

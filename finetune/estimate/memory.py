@@ -35,9 +35,11 @@ until the GPU benchmark (scripts/bench_memory.py on a GPU) measures them.
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass, field
 
+from finetune import shipped
 from finetune.config import Recipe
 from finetune.engines import ENGINES, zero3
 from finetune.estimate import stages
@@ -129,34 +131,79 @@ def _optimizer_bytes(f: ModelFacts, b: Bytes, optimizer: str, magnitude_bytes: i
     raise ValueError(f"no memory model for train.optimizer={optimizer}")
 
 
+def _zero3_limits(dist: str) -> tuple[float, float]:
+    """(stage3_max_reuse_distance, stage3_max_live_parameters) of the engine's shipped DeepSpeed JSON."""
+    path = shipped.RECIPES / "deepspeed" / str(ENGINES[dist].deepspeed_config)
+    zero = json.loads(path.read_text())["zero_optimization"]
+    return float(zero.get("stage3_max_reuse_distance", 1e9)), float(zero.get("stage3_max_live_parameters", 1e9))
+
+
+def gathered_bytes(f: ModelFacts, b: Bytes, dist: str) -> int:
+    """Whole (gathered) parameters a rank holds besides its shards while a unit runs, under ZeRO-3 or FSDP.
+
+    FSDP: the unit in use and the one prefetched (the larger of the largest module and a decoder layer, twice).
+    ZeRO-3 keeps more: after a module runs, DeepSpeed releases its gathered parameters only when the step's trace
+    does not use them again within stage3_max_reuse_distance parameters fetched (deepspeed
+    partitioned_param_coordinator.py `__params_to_release`). A module used in the forward comes back in the backward
+    once the parameters behind it were fetched twice (forward on, backward back), so at the loss head the lm_head is
+    held with every decoder layer, and the embedding, whose way back fits the distance: the whole model for models
+    up to half the distance (the shipped 1e9: up to 500M parameters, as measured on 2 CPU ranks), only the lm_head
+    for Qwen2.5-7B, whose lm_head alone is 545M. At most stage3_max_live_parameters."""
+    layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
+    units = 2 * max(f.largest_module_params, layer)
+    if not zero3(dist):
+        return units * b.weight
+    reuse, live = _zero3_limits(dist)
+    head = f.lm_head_params or f.embedding_params  # tied: the embedding is the head
+    held = behind = head
+    for _ in range(f.layers):
+        if 2 * behind > reuse:
+            break
+        held, behind = held + layer, behind + layer
+    if f.lm_head_params and 2 * behind <= reuse:
+        held += f.embedding_params
+    return int(max(min(held, live), units)) * b.weight
+
+
 def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: Bytes, dist: str, n: int) -> None:
-    """Shard `parts` (weights, trainable_weights, gradients, optimizer, step) the way the strategy does."""
+    """Shard `parts` (weights, trainable_weights, gradients, step_gradients, optimizer, step) the way the strategy
+    does."""
     layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
     unit = max(f.largest_module_params, layer)
-    gathered = 2 * unit * b.weight  # the unit in use + the one prefetched
     if dist == "ddp":
         parts["gradients"] *= 2  # DDP's flat gradient buckets are a second copy (gradient_as_bucket_view=False)
+        parts["step_gradients"] = parts["gradients"]
     elif dist == "fsdp":
         for term in ("weights", "trainable_weights", "gradients", "optimizer", "step"):
             parts[term] //= n
-        parts["weights"] += gathered
-        # a unit's unsharded gradients before reduce-scatter: one unit's, in the dtype it trains in (measured on
-        # 2 CPU ranks for full fine-tuning: bench_memory_ranks.py); adapter runs keep the former allowance
-        parts["gradients"] += unit * b.trainable if recipe.method == "full" else gathered
+        parts["weights"] += gathered_bytes(f, b, dist)
+        # one unit's unsharded buffer in the weights' dtype stays alive as the optimizer steps (measured on 2 CPU
+        # ranks, bench_memory_ranks.py: for full fine-tuning the gradients of that unit before reduce-scatter; with
+        # LoRA, where no frozen weight has a gradient, a buffer of the same size)
+        parts["gradients"] += unit * b.weight
+        parts["step_gradients"] = parts["gradients"]
     elif ENGINES[dist].launcher == "deepspeed":  # a 16-bit engine module; the fp32 master copy and the states live in the optimizer
         if recipe.method == "full":
             parts["weights"] = f.params_total * 2 + f.buffer_bytes
         adapters = 0 if recipe.method == "full" else 2 * (f.params_adapter + f.params_magnitude)
         stage3 = n if zero3(dist) else 1  # stage 3 partitions the parameters themselves
         bucket = 2 * 2 * f.hidden * f.hidden  # reduce bucket (HF "auto": hidden² elements), double-buffered
+        partition = f.params_trainable // n
         if recipe.train.optimizer == "adamw_torch":
             parts["optimizer"] = 8 * f.params_trainable
-        parts.update(trainable_weights=adapters // stage3 + 4 * f.params_trainable // n,
-                     gradients=2 * f.params_trainable // n + bucket, optimizer=parts["optimizer"] // n, step=0)
+        # As the optimizer steps: the 16-bit gradient partition and its fp32 copy that the optimizer steps with
+        # (stage_1_and_2.py `single_grad_partition`, stage3.py `_prepare_fp32_grad_for_sub_group`); ZeRO-3 keeps
+        # its reduce bucket (IPGBucketZ3). torch's foreach AdamW then makes one temporary the size of the fp32
+        # partition (sqrt of exp_avg_sq).
+        step = 4 * partition if recipe.train.optimizer == "adamw_torch" else 0
+        parts.update(trainable_weights=adapters // stage3 + 4 * partition,
+                     gradients=2 * partition + bucket, optimizer=parts["optimizer"] // n, step=step,
+                     step_gradients=6 * partition + (bucket if zero3(dist) else 0))
         if zero3(dist):
-            parts["weights"] = parts["weights"] // n + gathered
+            parts["weights"] = parts["weights"] // n + gathered_bytes(f, b, dist)
         if ENGINES[dist].offload:  # parameters, master weights, states and gradient partitions: CPU memory
-            parts.update(weights=gathered, trainable_weights=0, optimizer=0, gradients=bucket)
+            parts.update(weights=gathered_bytes(f, b, dist), trainable_weights=0, optimizer=0, gradients=bucket,
+                         step_gradients=bucket, step=0)
 
 
 def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> MemoryPlan:
@@ -179,6 +226,7 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
     }
     if keeps_reference_copy(recipe):
         parts["weights"] += f.params_total * b.weight  # frozen reference copy (PEFT runs disable the adapters)
+    parts["step_gradients"] = parts["gradients"]
     _distribute(parts, f, recipe, b, dist, n)
 
     seqs = stages.sequences(recipe)  # chosen + rejected, KTO's KL sequences (stages.py)
@@ -196,7 +244,7 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
         "loss backward": {**steady, "gradients": grads_held, "activations": at_loss, "logits": loss_head},
         "layer backward": {**steady, "gradients": grads_held, "activations": in_layers},
         "backward end": {**steady, "gradients": parts["gradients"]},
-        "optimizer step": {**steady, "gradients": parts["gradients"],
+        "optimizer step": {**steady, "gradients": parts["step_gradients"],
                            "optimizer": parts["optimizer"] + parts["step"]},
     }
     for moment in phases.values():

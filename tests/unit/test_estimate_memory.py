@@ -116,6 +116,32 @@ def test_sharding_lowers_the_per_gpu_peak_and_ddp_replicates():
     assert ddp.phases["backward end"]["gradients"] == 2 * single.phases["backward end"]["gradients"]
 
 
+def test_zero3_holds_what_its_reuse_distance_keeps_gathered():
+    """The shipped zero3.json's stage3_max_reuse_distance (1e9 parameters) keeps a 0.5B model whole at the loss head
+    (every module comes back within it); a 7B's lm_head alone (545M, twice) is past it, so only two units are held."""
+    from finetune.estimate.activations import dtype_bytes
+    from finetune.estimate.memory import gathered_bytes
+    from finetune.estimate.params import facts
+
+    for model, whole in (("qwen2_5_0_5b", True), ("qwen2_5_7b", False)):
+        recipe, spec = _load(f"model={model}", "method=lora", "distributed=zero3"), registry.spec(model)
+        f, b = facts(recipe, spec), dtype_bytes(recipe)
+        layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
+        units = 2 * max(f.largest_module_params, layer) * b.weight
+        held = gathered_bytes(f, b, "zero3")
+        assert held == (pytest.approx(f.params_total * b.weight, rel=1e-6) if whole else units), model
+        assert gathered_bytes(f, b, "fsdp") == units  # FSDP: the unit in use and the one prefetched
+
+
+def test_deepspeed_steps_on_an_fp32_copy_of_its_gradient_partition():
+    """As the optimizer steps, ZeRO-2 holds the 16-bit gradient partition, its fp32 copy and AdamW's foreach
+    temporary of the same size: 6 + 4 bytes a trained parameter over the ranks (measured on 2 CPU ranks)."""
+    recipe = _load("model=qwen2_5_7b", "method=full", "distributed=zero2", "train.precision=bf16")
+    p = plan(recipe, registry.spec("qwen2_5_7b"), num_gpus=4)
+    trained = p.params_trainable
+    assert p.phases["optimizer step"]["gradients"] == 6 * (trained // 4)
+    assert p.phases["optimizer step"]["optimizer"] - p.phases["backward end"]["optimizer"] == 4 * (trained // 4)
+
 def test_dpo_doubles_the_sequences_and_full_dpo_holds_a_reference_copy():
     spec = registry.spec("qwen2_5_0_5b")
     sft, dpo = (plan(_load("model=qwen2_5_0_5b", "method=full", f"stage={s}"), spec) for s in ("sft", "dpo"))
