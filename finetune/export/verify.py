@@ -118,9 +118,9 @@ class Check:
 
 
 def log_softmax(logits: np.ndarray) -> np.ndarray:
-    x = logits.astype(np.float64)
-    x = x - x.max(axis=-1, keepdims=True)
-    return x - np.log(np.exp(x).sum(axis=-1, keepdims=True))
+    """In float64 (a KL divergence of two close distributions is a small difference of large sums), through torch:
+    its vectorized, multi-threaded exp takes a fifth of numpy's time over a [tokens, 152k] array."""
+    return torch.from_numpy(np.asarray(logits)).double().log_softmax(-1).numpy()
 
 
 def nll(logits: np.ndarray, targets: list[int], start: int = 1) -> float:
@@ -270,17 +270,18 @@ def compare(reference: Reference, route: Route) -> Check:
     for chunk, ref_logp in zip(reference.text, reference.text_logp):
         logits = model.logits(chunk)
         vocab = min(ref_logp.shape[1], logits.shape[1])
-        ref, got = ref_logp[:, :vocab], log_softmax(logits[:, :vocab])
+        ref = torch.from_numpy(ref_logp[:, :vocab])  # float64, as log_softmax gives; torch for speed
+        got = torch.from_numpy(log_softmax(logits[:, :vocab]))
         same = ref.argmax(1) == got.argmax(1)
         agree += int(same.sum())
-        ties += sum(_is_tie(ref[i], int(got[i].argmax())) for i in np.flatnonzero(~same))
+        ties += sum(_is_tie(ref[i].numpy(), int(got[i].argmax())) for i in torch.nonzero(~same).flatten().tolist())
         positions += len(chunk)
-        kld += float((np.exp(ref) * (ref - got)).sum())
-        max_diff = max(max_diff, float(np.abs((ref - ref.max(1, keepdims=True)) - (got - got.max(1, keepdims=True)))
-                                       .max()))
-        targets = np.arange(len(chunk) - 1)
-        nll_merged -= float(ref[targets, chunk[1:]].sum())
-        nll_gguf -= float(got[targets, chunk[1:]].sum())
+        kld += float((ref.exp() * (ref - got)).sum())
+        max_diff = max(max_diff, float(((ref - ref.amax(1, keepdim=True)) - (got - got.amax(1, keepdim=True)))
+                                       .abs().max()))
+        targets, following = torch.arange(len(chunk) - 1), torch.tensor(chunk[1:])
+        nll_merged -= float(ref[targets, following].sum())
+        nll_gguf -= float(got[targets, following].sum())
     answers = [model.greedy(p.ids) for p in reference.prompts]
     greedy_equal = greedy_ties = 0
     for want, steps, got in zip(reference.tuned, reference.tuned_steps, answers):
