@@ -219,7 +219,8 @@ def measure(r: Recipe, where: Launch, out: Path) -> dict:
 
     hook = register_optimizer_step_pre_hook(before_step)
     try:
-        with _foreach_adamw(), timeline, bench_memory._tiles_cpu_only(timeline):  # a GPU folds TRL's loss tiles in registers
+        # a GPU folds TRL's loss tiles in registers
+        with _foreach_adamw(), timeline, bench_memory._tiles_cpu_only(timeline):
             model = bench_memory.prepare(r, s, "cpu")
             for p in model.parameters():  # ZeRO-3 made its partitions uninitialised: a finite loss needs values
                 getattr(p, "ds_tensor", p).data.fill_(bench_memory.STD)

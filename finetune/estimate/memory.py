@@ -147,8 +147,8 @@ def gathered_bytes(f: ModelFacts, b: Bytes, dist: str) -> int:
     partitioned_param_coordinator.py `__params_to_release`). A module used in the forward comes back in the backward
     once the parameters behind it were fetched twice (forward on, backward back), so at the loss head the lm_head is
     held with every decoder layer, and the embedding, whose way back fits the distance: the whole model for models
-    up to half the distance (the shipped 1e9: up to 500M parameters, as measured on 2 CPU ranks), only the lm_head
-    for Qwen2.5-7B, whose lm_head alone is 545M. At most stage3_max_live_parameters."""
+    up to half the distance (the shipped 1e9: up to 500M parameters, as measured on 2 CPU ranks), no more than
+    FSDP's two units for Qwen2.5-7B, whose lm_head alone is 545M. At most stage3_max_live_parameters."""
     layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
     units = 2 * max(f.largest_module_params, layer)
     if not zero3(dist):
@@ -182,7 +182,8 @@ def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: Bytes, 
         # LoRA, where no frozen weight has a gradient, a buffer of the same size)
         parts["gradients"] += unit * b.weight
         parts["step_gradients"] = parts["gradients"]
-    elif ENGINES[dist].launcher == "deepspeed":  # a 16-bit engine module; the fp32 master copy and the states live in the optimizer
+    elif ENGINES[dist].launcher == "deepspeed":
+        # a 16-bit engine module; the fp32 master copy and the states live in the optimizer
         if recipe.method == "full":
             parts["weights"] = f.params_total * 2 + f.buffer_bytes
         adapters = 0 if recipe.method == "full" else 2 * (f.params_adapter + f.params_magnitude)
