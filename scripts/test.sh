@@ -13,8 +13,9 @@ if ! { command -v go && command -v chromedriver; } >/dev/null 2>&1 && command -v
 fi
 # Two workers (at most four on bigger machines), a test file per worker at a time, the longest files first
 # (tests/conftest.py LONGEST_FIRST; xdist would otherwise order files by their number of tests), one thread per
-# process (tests/conftest.py). 1097 tests took 28.4 min on 2 cores on 2026-12-06 (54 CPU-minutes: the distributed
-# engines ~16 min of one worker, the real-model tier ~11), over the 25-minute goal.
+# process (tests/conftest.py). On 2 cores on 2026-12-07: 1099 tests in 24.3 min (48 CPU-minutes), 25.5 min after
+# full fine-tuning was resumed under every engine (50 CPU-minutes), 32 min on a slower hour (62 CPU-minutes, every
+# test ~25% longer): around the 25-minute goal; the distributed engines and the real-model tier are half of it.
 .venv/bin/python -m pytest -q -p no:cacheprovider -n auto --maxprocesses=4 --dist loadfile --no-loadscope-reorder \
   --durations=15 "$@"
 rc=$?
