@@ -166,10 +166,11 @@ def held(model: torch.nn.Module, optimizer) -> dict[str, int]:
 
 def estimated(r: Recipe) -> dict[str, int]:
     """The plan's per-process figures for the measured terms, at its optimizer step (the moment measured)."""
-    p = plan(r, spec(), num_gpus=2)
+    s = spec()
+    p = plan(r, s, num_gpus=2)
     step = p.phases["optimizer step"]
     weights = step["weights"] + step["trainable_weights"]
-    sharded = ({"sharded": weights - gathered_bytes(facts(r, spec()), dtype_bytes(r), r.distributed)}
+    sharded = ({"sharded": weights - gathered_bytes(facts(r, s), dtype_bytes(r), r.distributed)}
                if ENGINES[r.distributed].shards_weights else {})
     return {"weights": weights, "gradients": step["gradients"], "optimizer": p.phases["backward end"]["optimizer"],
             "peak": max(sum(v for k, v in m.items() if k != "overhead") for m in p.phases.values()), **sharded}
@@ -243,13 +244,12 @@ def error_pct(estimate: int, measured: int) -> float:
 def table(engine: str, method: str, estimate: dict[str, int], ranks: list[dict]) -> str:
     """Markdown: each term's estimate, each rank's measurement (MiB) and the estimate's error against it."""
     mib = 2**20
-    head = "| engine | method | term | estimate MiB | " + " | ".join(f"rank {r['rank']} MiB (error)" for r in ranks)
-    lines = [head + " |", "|" + "---|" * (4 + len(ranks))]
-    held = [t for t in TERMS if t in estimate and not (t == "weights" and "sharded" in estimate)]  # a shard: sharded
-    for term in held:
-        cells = [f"{r[term] / mib:.2f} ({error_pct(estimate[term], r[term]):+.1f}%)" for r in ranks]
-        lines.append(f"| {engine} | {method} | {term} | {estimate[term] / mib:.2f} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
+    terms = [t for t in TERMS if t in estimate and not (t == "weights" and "sharded" in estimate)]  # a shard: sharded
+    rows = [f"| {engine} | {method} | {term} | {estimate[term] / mib:.2f} | "
+            + " | ".join(f"{r[term] / mib:.2f} ({error_pct(estimate[term], r[term]):+.1f}%)" for r in ranks) + " |"
+            for term in terms]
+    header = ("engine", "method", "term", "estimate MiB", *(f"rank {r['rank']} MiB (error)" for r in ranks))
+    return "\n".join(bench_memory.table(header, rows))
 
 
 def main(argv: list[str] | None = None) -> int:

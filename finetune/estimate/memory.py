@@ -35,6 +35,7 @@ until the GPU benchmark (scripts/bench_memory.py on a GPU) measures them.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from dataclasses import dataclass, field
@@ -131,6 +132,7 @@ def _optimizer_bytes(f: ModelFacts, b: Bytes, optimizer: str, magnitude_bytes: i
     raise ValueError(f"no memory model for train.optimizer={optimizer}")
 
 
+@functools.cache
 def _zero3_limits(dist: str) -> tuple[float, float]:
     """(stage3_max_reuse_distance, stage3_max_live_parameters) of the engine's shipped DeepSpeed JSON."""
     path = shipped.RECIPES / "deepspeed" / str(ENGINES[dist].deepspeed_config)
@@ -149,8 +151,8 @@ def gathered_bytes(f: ModelFacts, b: Bytes, dist: str) -> int:
     held with every decoder layer, and the embedding, whose way back fits the distance: the whole model for models
     up to half the distance (the shipped 1e9: up to 500M parameters, as measured on 2 CPU ranks), no more than
     FSDP's two units for Qwen2.5-7B, whose lm_head alone is 545M. At most stage3_max_live_parameters."""
-    layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
-    units = 2 * max(f.largest_module_params, layer)
+    layer, unit = _layer_and_unit(f)
+    units = 2 * unit
     if not zero3(dist):
         return units * b.weight
     reuse, live = _zero3_limits(dist)
@@ -165,14 +167,18 @@ def gathered_bytes(f: ModelFacts, b: Bytes, dist: str) -> int:
     return int(max(min(held, live), units)) * b.weight
 
 
-def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: Bytes, dist: str, n: int) -> None:
-    """Shard `parts` (weights, trainable_weights, gradients, step_gradients, optimizer, step) the way the strategy
-    does."""
+def _layer_and_unit(f: ModelFacts) -> tuple[int, int]:
+    """(a decoder layer's parameters, the larger of that and the largest module): the unit a sharding engine
+    gathers at once."""
     layer = (f.params_total - f.embedding_params - f.lm_head_params) // f.layers
-    unit = max(f.largest_module_params, layer)
+    return layer, max(f.largest_module_params, layer)
+
+
+def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: Bytes, dist: str, n: int) -> None:
+    """Shard `parts` (weights, trainable_weights, gradients, optimizer, step) the way the strategy does; where the
+    optimizer step holds other gradients than the backward's end, `step_gradients` says how many."""
     if dist == "ddp":
         parts["gradients"] *= 2  # DDP's flat gradient buckets are a second copy (gradient_as_bucket_view=False)
-        parts["step_gradients"] = parts["gradients"]
     elif dist == "fsdp":
         for term in ("weights", "trainable_weights", "gradients", "optimizer", "step"):
             parts[term] //= n
@@ -180,8 +186,7 @@ def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: Bytes, 
         # one unit's unsharded buffer in the weights' dtype stays alive as the optimizer steps (measured on 2 CPU
         # ranks, bench_memory_ranks.py: for full fine-tuning the gradients of that unit before reduce-scatter; with
         # LoRA, where no frozen weight has a gradient, a buffer of the same size)
-        parts["gradients"] += unit * b.weight
-        parts["step_gradients"] = parts["gradients"]
+        parts["gradients"] += _layer_and_unit(f)[1] * b.weight
     elif ENGINES[dist].launcher == "deepspeed":
         # a 16-bit engine module; the fp32 master copy and the states live in the optimizer
         if recipe.method == "full":
@@ -200,11 +205,12 @@ def _distribute(parts: dict[str, int], f: ModelFacts, recipe: Recipe, b: Bytes, 
         parts.update(trainable_weights=adapters // stage3 + 4 * partition,
                      gradients=2 * partition + bucket, optimizer=parts["optimizer"] // n, step=step,
                      step_gradients=6 * partition + (bucket if zero3(dist) else 0))
+        gathered = gathered_bytes(f, b, dist) if zero3(dist) else 0
         if zero3(dist):
-            parts["weights"] = parts["weights"] // n + gathered_bytes(f, b, dist)
+            parts["weights"] = parts["weights"] // n + gathered
         if ENGINES[dist].offload:  # parameters, master weights, states and gradient partitions: CPU memory
-            parts.update(weights=gathered_bytes(f, b, dist), trainable_weights=0, optimizer=0, gradients=bucket,
-                         step_gradients=bucket, step=0)
+            parts.update(weights=gathered, trainable_weights=0, optimizer=0, gradients=bucket, step_gradients=bucket,
+                         step=0)
 
 
 def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> MemoryPlan:
@@ -227,8 +233,8 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
     }
     if keeps_reference_copy(recipe):
         parts["weights"] += f.params_total * b.weight  # frozen reference copy (PEFT runs disable the adapters)
-    parts["step_gradients"] = parts["gradients"]
     _distribute(parts, f, recipe, b, dist, n)
+    step_gradients = parts.pop("step_gradients", parts["gradients"])
 
     seqs = stages.sequences(recipe)  # chosen + rejected, KTO's KL sequences (stages.py)
     at_loss, in_layers, forward = activation_moments(f, recipe, b, seqs)
@@ -245,7 +251,7 @@ def plan(recipe: Recipe, spec: ModelSpec, *, num_gpus: int | None = None) -> Mem
         "loss backward": {**steady, "gradients": grads_held, "activations": at_loss, "logits": loss_head},
         "layer backward": {**steady, "gradients": grads_held, "activations": in_layers},
         "backward end": {**steady, "gradients": parts["gradients"]},
-        "optimizer step": {**steady, "gradients": parts["step_gradients"],
+        "optimizer step": {**steady, "gradients": step_gradients,
                            "optimizer": parts["optimizer"] + parts["step"]},
     }
     for moment in phases.values():
